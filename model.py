@@ -1,0 +1,306 @@
+"""
+The decoder-only transformer that R-Zero trains, written out by hand, loading Hugging Face checkpoints.
+
+One module covers the three families the paper and its peers use:
+- Qwen3 (Qwen3-4B/8B-Base): RMSNorm on each head of q and k, explicit head_dim, no qkv bias.
+- Qwen2 / Qwen2.5: bias on q, k and v.
+- Llama 3 (OctoThinker-3B/8B): "llama3" RoPE frequency scaling.
+All: grouped-query attention, RMSNorm, SwiGLU MLP, rotate-half RoPE (the checkpoints' own convention, so no
+weight permutation), tied or untied embeddings.
+
+Parameter names are the checkpoints' names without the leading "model." (see `hf_name`), so loading is
+`load_state_dict(strict=True, assign=True)` on a module built on the meta device: no random init, no second
+copy of the weights.
+
+The training forward and the decode forward are the same function; the KV cache is an argument. The cache
+is a pre-allocated buffer in which every row writes each token at the slot equal to its position, so rows of
+different lengths need no left padding: a row's query at position p attends to its slots 0..p. Batches
+without a cache are right-padded and need no mask at all (a real token never attends to a later pad).
+
+Left out on purpose: sliding-window attention (off in every checkpoint we target), RoPE types other than
+default and llama3, dropout.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED = ("qwen3", "qwen2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # q/k/v (and, for llama, o) projections carry a bias
+    qk_norm: bool = True  # Qwen3's per-head RMSNorm on q and k
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Reads a config.json written by transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"RoPE type {rope_type!r} is not supported (supported: default, llama3)")
+        heads = d["num_attention_heads"]
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=True if mt == "qwen2" else d.get("attention_bias", False),
+            qk_norm=mt == "qwen3",
+        )
+
+
+    def to_hf(self) -> dict:
+        """A config.json for a model built from a ModelConfig rather than loaded from a checkpoint."""
+        arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rope_scaling", "qk_norm")}
+        d["architectures"] = [arch[self.model_type]]
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
+        return d
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    if cfg.rope_scaling:  # llama3: stretch low frequencies by `factor`, keep high ones, interpolate between
+        s = cfg.rope_scaling
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd); cos, sin: (B, 1, T, hd). Rotate-half: pairs are (i, i + hd/2), as in the checkpoints.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the mean square in float32, as the reference does, then back to the input dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values of every layer: (n_layer, B, n_kv, max_len, hd). Slot index == position."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, layer, k, v, input_pos, kv_len):
+        # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd) views
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
+        self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
+        # Qwen2 has bias on q/k/v only; Llama's attention_bias covers o_proj too
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=bias and cfg.model_type == "llama")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, input_pos=None, kv_len=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh or nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = cache.update(self.layer, k, v, input_pos, kv_len)  # (B, nkv, kv_len, hd)
+            slots = torch.arange(kv_len, device=x.device)
+            mask = (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len): own past only
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, input_pos=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, hf_config: dict | None = None):
+        super().__init__()
+        self.config = cfg
+        self.hf_config = hf_config or {}  # written back verbatim by save_pretrained
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, idx, cache=None, input_pos=None, kv_len=None, return_hidden=False):
+        """idx: (B, T) token ids. Without a cache: positions 0..T-1, causal. With a cache: input_pos (B, T)
+        gives each token's position (= its cache slot); kv_len (default max position + 1) bounds the slots read."""
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device).expand(B, T)
+        if cache is not None and kv_len is None:
+            kv_len = int(input_pos.max()) + 1
+        freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+        x = self.embed_tokens(idx)  # (B, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, input_pos, kv_len)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
+
+    def new_cache(self, batch, max_len, dtype=None):
+        return KVCache(self.config, batch, max_len, dtype or self.embed_tokens.weight.dtype, self.inv_freq.device)
+
+    # ---------------------------------------------------------------- Hugging Face checkpoints
+
+    @staticmethod
+    def hf_name(name):
+        return name if name.startswith("lm_head.") else "model." + name
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        from safetensors import safe_open
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {path!r} does not exist")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"model folder {path!r} has no config.json")
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        cfg = ModelConfig.from_hf(hf)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"model folder {path!r} has no model.safetensors or model.safetensors.index.json")
+        if dtype is None:
+            name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+            dtype = getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(cfg, hf)
+        wanted = {cls.hf_name(k): k for k in model.state_dict()}
+        if cfg.tie_word_embeddings:
+            wanted.pop("lm_head.weight", None)
+        sd, extra = {}, []
+        for file in files:
+            try:
+                with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        if key in wanted:
+                            sd[wanted[key]] = f.get_tensor(key).to(dtype)
+                        elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                            extra.append(key)
+            except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
+                raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
+        missing = sorted(set(wanted.values()) - set(sd))
+        if missing or extra:
+            raise ValueError(f"checkpoint {path!r} does not match a {cfg.model_type} model: "
+                             f"missing {[cls.hf_name(m) for m in missing][:5]}, unexpected {extra[:5]}")
+        if cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg, device)
+        return model
+
+    def save_pretrained(self, path, state_dict=None):
+        """Writes config.json + model.safetensors that transformers loads. state_dict: a full (gathered) one,
+        e.g. from an FSDP-sharded model; default this module's own. Each file is written atomically."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        tensors = {self.hf_name(k): v.detach().contiguous().cpu() for k, v in sd.items()}
+        if self.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases
+        hf = dict(self.hf_config) or self.config.to_hf()
+        hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        hf.pop("torch_dtype", None)
+        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+            json.dump(hf, f, indent=2)
+        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - (
+            self.lm_head.weight.numel() if self.config.tie_word_embeddings else 0)

@@ -1,0 +1,228 @@
+"""
+Batched sampling with a KV cache, shaped for GRPO: P prompts x n samples each.
+
+How a request is served (R-Zero's requests are large: the Solver answers N x m = 80,000 questions per
+iteration, the Challenger's reward samples m answers for each of 2,048 questions per step):
+- The request is a queue of jobs (prompt i, sample j). A pre-allocated cache of B rows holds the jobs in
+  flight; B is as many rows as `memory_budget` bytes of cache allow, so a request of any size is served by
+  refilling rows, never by one giant allocation.
+- A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
+  share one prefill: the prompt is run once and its cache copied into their rows (the GRPO group).
+- Every row writes token t at cache slot t, so rows of different lengths need no left padding: a row's
+  query at position p attends to its own slots 0..p (model.py).
+- When the queue is empty and at most half the rows are still running, the cache is compacted to the live
+  rows, so finished rows stop costing compute.
+- Finishing is decided on the device; the host touches only the rows that finished, so per-step Python work
+  does not grow with the batch (stop strings, which must be decoded, are the exception).
+
+Returned log-probs are log softmax(logits / T) of the sampled token, before top-p / top-k truncation: the
+quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (greedy) they are at T = 1.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Completion:
+    tokens: list  # generated ids, including the EOS / the token that completed a stop string
+    logprobs: list  # log softmax(logits / T) of each generated token
+    finish_reason: str  # "eos" | "stop" | "length"
+    text: str | None = None  # decoded without special tokens, when a tokenizer was given
+
+
+def chat_prompt(tokenizer, system, user):
+    """Token ids of a system + user turn with the generation prompt, via the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:  # base models without a template (RZERO.md's fallback)
+        text = f"system: {system}\nuser: {user}\nassistant:"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def eos_ids_of(tokenizer):
+    """The tokenizer's EOS plus chat-turn end tokens, so base and chat-formatted models both stop."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab}
+    return sorted(ids)
+
+
+def sample_next(logits, temperature, top_p, top_k, generator):
+    """logits (B, V) -> next tokens (B,) and their log-probs under logits / T (B,)."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = F.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    filtered = logp
+    if top_k > 0:
+        kth = torch.topk(filtered, min(top_k, filtered.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = filtered.sort(dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p; keeps the first
+        filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    tok = torch.multinomial(F.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
+             stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, progress=False):
+    """prompts: list of token-id lists. Returns [len(prompts)][n] Completions."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the completions")
+    dev = next(model.parameters()).device
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    cfg = model.config
+    max_len = max(map(len, prompts)) + max_new_tokens
+    itemsize = model.embed_tokens.weight.element_size()
+    row_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]  # the queue, served in order
+    B = max(1, min(len(jobs), memory_budget // row_bytes))
+    cache = model.new_cache(B, max_len)
+    eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
+    stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
+
+    row_job = np.full(B, -1)  # job index held by each row, -1 = free
+    row_pos = np.zeros(B, dtype=np.int64)  # position (= cache slot) of the next token each row feeds in
+    pos_t = torch.zeros(B, dtype=torch.long, device=dev)
+    n_gen = torch.zeros(B, dtype=torch.long, device=dev)
+    out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    out_lp = torch.zeros(B, max_new_tokens, device=dev)
+    next_logits = torch.zeros(B, cfg.vocab_size, device=dev)
+    results = [[None] * n for _ in prompts]
+    next_job = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="sampling", leave=False)
+
+    def admit(rows):
+        """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows`."""
+        nonlocal next_job
+        rows = rows[: len(jobs) - next_job]
+        take = jobs[next_job: next_job + len(rows)]
+        next_job += len(rows)
+        uniq = sorted({i for i, _ in take})
+        L = max(len(prompts[i]) for i in uniq)
+        idx = torch.zeros(len(uniq), L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
+        for u, i in enumerate(uniq):
+            idx[u, : len(prompts[i])] = torch.tensor(prompts[i], device=dev)
+        tmp = model.new_cache(len(uniq), L)
+        logits = model(idx, cache=tmp, input_pos=torch.arange(L, device=dev).expand(len(uniq), L), kv_len=L)
+        last = torch.tensor([len(prompts[i]) - 1 for i in uniq], device=dev)
+        first = logits[torch.arange(len(uniq), device=dev), last]  # (U, V) next-token logits of each prompt
+        src = torch.tensor([uniq.index(i) for i, _ in take], device=dev)
+        dst = torch.as_tensor(rows, device=dev)
+        cache.k[:, dst, :, :L] = tmp.k[:, src]  # the group's rows share the one prefill
+        cache.v[:, dst, :, :L] = tmp.v[:, src]
+        next_logits[dst] = first[src].float()
+        lens = np.array([len(prompts[i]) for i, _ in take])
+        row_job[rows], row_pos[rows] = np.arange(next_job - len(rows), next_job), lens
+        pos_t[dst], n_gen[dst] = torch.as_tensor(lens, device=dev), 0
+
+    while True:
+        free = np.flatnonzero(row_job < 0)
+        # refill once a few rows are free (a prefill per single freed row would waste the matmuls)
+        if next_job < len(jobs) and len(free) and (len(free) >= max(1, B // 8) or len(free) == B):
+            admit(free)
+        live = row_job >= 0
+        if not live.any():
+            break
+        tok, lp = sample_next(next_logits, temperature, top_p, top_k, gen)  # (B,), (B,)
+        rows_t = torch.arange(B, device=dev)
+        out_tok[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = tok
+        out_lp[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = lp
+        n_gen += 1
+        live_t = torch.as_tensor(live, device=dev)
+        is_eos = torch.isin(tok, eos_t)
+        done = live_t & (is_eos | (n_gen >= max_new_tokens))
+        stopped = np.zeros(B, dtype=bool)
+        if stop_strings:
+            live_rows = np.flatnonzero(live)
+            counts = n_gen[live_rows].tolist()
+            tails = tokenizer.batch_decode([out_tok[r, max(0, c - stop_tail): c].tolist()
+                                            for r, c in zip(live_rows, counts)])
+            stopped[live_rows] = [any(s in t for s in stop_strings) for t in tails]
+            done |= torch.as_tensor(stopped, device=dev)
+        for r in torch.nonzero(done).flatten().tolist():  # only finished rows touch the host
+            i, j = jobs[row_job[r]]
+            c = int(n_gen[r])
+            toks = out_tok[r, :c].tolist()
+            reason = "eos" if toks[-1] in eos_ids else "stop" if stopped[r] else "length"
+            text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
+            results[i][j] = Completion(toks, out_lp[r, :c].tolist(), reason, text)
+            row_job[r] = -1
+            if bar:
+                bar.update(1)
+        live = row_job >= 0
+        if next_job == len(jobs):
+            if not live.any():
+                break
+            if live.sum() <= B // 2 and B > 1:  # compact: drop finished rows from the batch
+                keep = np.flatnonzero(live)
+                kt = torch.as_tensor(keep, device=dev)
+                cache.k, cache.v = cache.k[:, kt].contiguous(), cache.v[:, kt].contiguous()
+                row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
+                pos_t, n_gen, out_tok, out_lp, tok = pos_t[kt], n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
+                live = np.ones(B, dtype=bool)
+        if not live.any():
+            continue  # every row finished this step: refill before the next forward
+        kv_len = int(row_pos[live].max()) + 1
+        logits = model(tok[:, None], cache=cache, input_pos=pos_t[:, None], kv_len=kv_len)  # (B, 1, V)
+        next_logits = logits[:, -1].float()
+        row_pos += live  # free rows stay put; their writes land in slots nobody reads
+        pos_t += torch.as_tensor(live, device=dev)
+    if bar:
+        bar.close()
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample completions from a Hugging Face checkpoint folder.")
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json, model.safetensors, tokenizer)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--n", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    ap.add_argument("--system", default="Please reason step by step, and put your final answer within \\boxed{}.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    a = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+    from model import Transformer
+
+    try:
+        if a.n < 1 or a.max_new_tokens < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
+            raise ValueError("need --n >= 1, --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+        model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None,
+                                            device=a.device).eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(a.model)
+        except Exception:
+            raise ValueError(f"model folder {a.model!r} has no loadable tokenizer") from None
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    ids = chat_prompt(tok, a.system, a.prompt) if a.chat else tok.encode(a.prompt)
+    outs = generate(model, [ids], n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_p=a.top_p, top_k=a.top_k, eos_ids=eos_ids_of(tok), tokenizer=tok, seed=a.seed)
+    for k, c in enumerate(outs[0]):
+        print(f"--- sample {k} ({len(c.tokens)} tokens, {c.finish_reason})\n{c.text}")
+
+
+if __name__ == "__main__":
+    main()
