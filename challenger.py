@@ -1,0 +1,282 @@
+"""
+The Challenger side of R-Zero: its prompt, the parsing of its questions, and its reward (Sec. 3.2).
+
+For a batch of B Challenger completions x_1..x_B (all from the same prompt; the caller gathers them across
+ranks first, because the repetition penalty is a batch-level quantity):
+    p_i     = fraction of the frozen Solver's m = 10 answers equivalent to their majority (solver.answer_and_vote)
+    r_unc   = 1 - 2 |p_i - 1/2|                           1 when the Solver is split evenly, 0 when unanimous
+    d_ij    = 1 - BLEU(x_i, x_j)                          BLEU-4 on whitespace tokens, NLTK smoothing method 1
+    C(x_i)  = x_i's cluster under average-linkage agglomerative clustering of d, cut at distance 0.5
+    r_rep   = lambda |C(x_i)| / B
+    r_i     = max(0, r_unc - r_rep)                       0 when no <question>...</question> can be parsed
+
+Choices where the paper is silent (the authors' code was read for each):
+- BLEU is not symmetric (its precisions and brevity penalty are taken from the hypothesis' side). The code
+  scores each pair once with the lower batch index as hypothesis and mirrors it; that makes the distance
+  depend on arbitrary batch order, so the default here averages both directions. The "code" variant keeps
+  the code's order.
+- The code clusters with sklearn's AgglomerativeClustering(distance_threshold=0.5), which merges only while
+  the average linkage distance is strictly below 0.5; so does `average_linkage_clusters` (scipy's fcluster
+  with t = 0.5 would also merge at exactly 0.5).
+- B counts every completion in the batch: bad-format ones get no cluster but stay in the denominator, as in
+  the code (where their empty question formed a singleton cluster).
+
+`reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale,
+no clip at 0), -1 for a bad format (the code's -1 - 1/B: its empty question's singleton penalty is dropped), and
+a missing \\boxed{} answer counts as the answer string "None". Its known fault (scoring only when the Solver's
+majority equals the last character of the Challenger's own answer) is not reproduced; the Challenger's own
+answer is parsed for analysis only.
+"""
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+import grader
+import sample
+import solver
+
+CHALLENGER_SYSTEM = (
+    "You are an expert designer of mathematics problems. Write exactly one new, challenging math problem. "
+    "It may come from any field of mathematics (algebra, number theory, combinatorics, geometry, probability, "
+    "calculus, ...). It must be hard for advanced high-school students, have a single well-defined final "
+    "answer, and must not be a famous contest problem or a copy of one.\n"
+    "Output the problem statement inside <question></question> tags, immediately followed by its final answer "
+    "in \\boxed{}, and nothing else:\n"
+    "<question>the full problem statement</question>\\boxed{final answer}"
+)
+CHALLENGER_USER = "Write one new challenging math problem now, in exactly the format above and nothing else."
+
+OPEN, CLOSE = "<question>", "</question>"
+
+
+def challenger_prompt(tokenizer) -> list[int]:
+    """The one prompt every Challenger rollout starts from: diversity comes from sampling only."""
+    return sample.chat_prompt(tokenizer, CHALLENGER_SYSTEM, CHALLENGER_USER)
+
+
+@dataclass
+class ChallengerConfig:
+    # GRPO rollouts of the Challenger
+    group_size: int = 4  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 4096
+    dataset_top_p: float = 0.95  # when the frozen Challenger writes the N problems of the Solver dataset
+    # reward
+    reward_variant: str = "paper"  # "paper" | "code"
+    use_repetition_penalty: bool = True  # False = the paper's "without repetition penalty" ablation
+    lam: float = 1.0  # lambda
+    cut: float = 0.5  # clustering cut on the BLEU distance
+    # the frozen Solver that scores each question (see solver.SolverConfig for why top-k 0)
+    m: int = 10
+    solver_temperature: float = 1.0
+    solver_top_p: float = 1.0
+    solver_top_k: int = 0
+    solver_max_new_tokens: int = 4096
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _last_question_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last <question>...</question>, as re.findall with the non-greedy
+    pattern <question>(.*?)</question> would find it, but by str.find: linear time on any input."""
+    span, pos = None, 0
+    while True:
+        s = text.find(OPEN, pos)
+        if s < 0:
+            return span
+        e = text.find(CLOSE, s + len(OPEN))
+        if e < 0:  # an opening tag with no closing tag after it: no later match exists
+            return span
+        span, pos = (s + len(OPEN), e), e + len(CLOSE)
+
+
+def parse_question(text: str) -> str | None:
+    """The text inside the last <question>...</question>, stripped; None when absent or empty (bad format)."""
+    span = _last_question_span(text or "")
+    q = text[span[0]:span[1]].strip() if span else ""
+    return q or None
+
+
+def parse_challenger_answer(text: str) -> str | None:
+    """The Challenger's own boxed answer after its question. For analysis only: never part of the reward."""
+    span = _last_question_span(text or "")
+    return grader.extract_boxed(text[span[1] + len(CLOSE):]) if span else None
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+def uncertainty_reward(p: float) -> float:
+    return 1.0 - 2.0 * abs(p - 0.5)
+
+
+# ----------------------------------------------------------------------------- BLEU
+
+def _ngrams(tokens, n) -> Counter:
+    return Counter(tuple(tokens[k:k + n]) for k in range(len(tokens) - n + 1))
+
+
+def bleu4(hyp: list[str], ref: list[str]) -> float:
+    """Sentence BLEU-4 of `hyp` against the single reference `ref`, the slow, obviously-correct path.
+
+    Equal to NLTK's sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1):
+    p_n = clipped n-gram matches / max(1, #hyp n-grams), a zero match count replaced by epsilon = 0.1
+    (Chen & Cherry's method 1, so a hypothesis shorter than n tokens gets p_n = 0.1); 0 when no unigram
+    matches; uniform weights; brevity penalty exp(1 - |ref| / |hyp|) unless |hyp| > |ref|.
+    """
+    if isinstance(hyp, str) or isinstance(ref, str):
+        raise TypeError("bleu4 takes token lists (e.g. text.split()), not strings")
+    log_p = 0.0
+    for n in range(1, 5):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        match = sum(min(c, r[g]) for g, c in h.items())
+        if n == 1 and match == 0:
+            return 0.0
+        log_p += math.log((match or 0.1) / max(1, len(hyp) - n + 1)) / 4
+    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * math.exp(log_p)
+
+
+def bleu_matrix(sentences: list[list[str]]) -> np.ndarray:
+    """S[i, j] = bleu4(sentences[i], sentences[j]) for all pairs (row = hypothesis), diagonal set to 1.
+
+    The clipped match count sum_g min(c_i(g), c_j(g)) is symmetric in i and j, so it is accumulated once per
+    n-gram over the sentences that share it (an inverted index, vectorised with numpy); only the denominators
+    and the brevity penalty depend on which side is the hypothesis. Cost: sum over shared n-grams of df^2.
+    """
+    B = len(sentences)
+    L = np.array([len(s) for s in sentences], dtype=np.float64)  # (B,)
+    log_p = np.zeros((B, B))
+    for n in range(1, 5):
+        postings = {}  # n-gram -> ([sentence ids], [counts])
+        for i, s in enumerate(sentences):
+            for g, c in _ngrams(s, n).items():
+                ids, cs = postings.setdefault(g, ([], []))
+                ids.append(i)
+                cs.append(c)
+        match = np.zeros((B, B))  # (B, B) clipped n-gram matches, symmetric
+        for ids, cs in postings.values():
+            if len(ids) > 1:
+                ix, c = np.array(ids), np.array(cs, dtype=np.float64)
+                match[np.ix_(ix, ix)] += np.minimum.outer(c, c)
+        if n == 1:
+            unigram_match = match
+        total = np.maximum(L - n + 1, 1.0)[:, None]  # (B, 1) hypothesis n-grams
+        log_p += np.log(np.where(match > 0, match, 0.1) / total) / 4
+    with np.errstate(divide="ignore", invalid="ignore"):  # |hyp| = 0 rows are zeroed below (no unigram match)
+        bp = np.where(L[:, None] > L[None, :], 1.0, np.exp(1 - L[None, :] / L[:, None]))  # (B, B)
+    S = np.where(unigram_match > 0, bp * np.exp(log_p), 0.0)  # (B, B)
+    np.fill_diagonal(S, 1.0)
+    return S
+
+
+def bleu_distances(questions: list[str], symmetric: bool = True) -> np.ndarray:
+    """d_ij = 1 - BLEU on whitespace tokens; symmetric=True averages both directions, False is the authors'
+    code (hypothesis = the lower batch index, mirrored)."""
+    S = bleu_matrix([q.split() for q in questions])  # (B, B)
+    S = (S + S.T) / 2 if symmetric else np.triu(S) + np.triu(S, 1).T
+    return 1.0 - S
+
+
+# ----------------------------------------------------------------------------- clustering
+
+def average_linkage_clusters(dist, cut: float = 0.5) -> np.ndarray:
+    """Flat clusters of average-linkage (UPGMA) agglomerative clustering: merge the closest pair of clusters
+    while their average pairwise distance is < cut (strict, as sklearn's distance_threshold). Returns labels
+    (B,) numbered 0.. in order of first appearance.
+
+    UPGMA is monotone (a merge never creates a closer pair), so stopping at the first merge >= cut gives the
+    dendrogram cut exactly. Each cluster lives in the row of its smallest member; every row keeps its nearest
+    neighbour, so a merge costs O(B) plus a rescan of the rows that pointed at the merged pair. Ties: the pair
+    with the lexicographically smallest (row, column) merges first, so results are deterministic.
+    """
+    D = np.array(dist, dtype=np.float64)  # (B, B) copy, becomes the cluster-to-cluster distance matrix
+    B = D.shape[0]
+    if D.shape != (B, B):
+        raise ValueError(f"distance matrix must be square, got shape {D.shape}")
+    rep = np.arange(B)  # cluster row of each point
+    size = np.ones(B)
+    alive = np.ones(B, dtype=bool)  # rows that still hold a cluster
+    np.fill_diagonal(D, np.inf)
+    nn = D.argmin(1) if B else np.zeros(0, dtype=np.int64)  # (B,) nearest neighbour of each row
+    nn_d = D[np.arange(B), nn]  # (B,) its distance; inf for dead rows
+    for _ in range(B - 1):
+        i = int(nn_d.argmin())
+        if not nn_d[i] < cut:
+            break
+        j = int(nn[i])  # j > i: row j would otherwise hold the same minimum at a smaller index
+        row = (size[i] * D[i] + size[j] * D[j]) / (size[i] + size[j])  # (B,) Lance-Williams, average linkage
+        D[i], D[:, i] = row, row
+        D[j], D[:, j] = np.inf, np.inf
+        D[i, i] = np.inf
+        size[i] += size[j]
+        rep[rep == j] = i
+        alive[j], nn_d[j] = False, np.inf
+        stale = alive & ((nn == i) | (nn == j))  # rows whose nearest neighbour moved or died: rescan
+        stale[i] = True
+        closer = alive & ~stale & ((row < nn_d) | ((row == nn_d) & (i < nn)))
+        nn[closer], nn_d[closer] = i, row[closer]
+        idx = np.flatnonzero(stale)
+        nn[idx] = D[idx].argmin(1)
+        nn_d[idx] = D[idx, nn[idx]]
+    return np.unique(rep, return_inverse=True)[1]  # rep is each cluster's smallest member: first-appearance order
+
+
+def cluster_sizes(questions: list[str], cut: float = 0.5, symmetric: bool = True) -> list[int]:
+    """|C(x_i)| for each question of the batch."""
+    if not questions:
+        return []
+    labels = average_linkage_clusters(bleu_distances(questions, symmetric), cut)
+    return np.bincount(labels)[labels].tolist()
+
+
+def repetition_penalty(questions: list[str], lam: float = 1.0, cut: float = 0.5, symmetric: bool = True) -> list[float]:
+    """r_rep(x_i) = lam * |C(x_i)| / B over this batch of B questions."""
+    return [lam * s / len(questions) for s in cluster_sizes(questions, cut, symmetric)]
+
+
+# ----------------------------------------------------------------------------- the reward
+
+def challenger_rewards(completion_texts: list[str], solver_model, tokenizer, cfg: ChallengerConfig,
+                       seed=None, vote=None) -> tuple[list[float], list[dict]]:
+    """Rewards of a whole batch of B Challenger completions (all ranks' rollouts gathered), and per-question
+    stats: question, valid_format, p, majority, cluster_size, r_unc (the uncertainty term used), r_rep,
+    challenger_answer (analysis only). vote: a drop-in for solver.answer_and_vote (e.g. split across ranks)."""
+    if cfg.reward_variant not in ("paper", "code"):
+        raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
+    code = cfg.reward_variant == "code"
+    B = len(completion_texts)
+    questions = [parse_question(t) for t in completion_texts]
+    valid = [i for i, q in enumerate(questions) if q is not None]  # bad formats are neither scored nor clustered
+    valid_q = [questions[i] for i in valid]
+    scfg = solver.SolverConfig(m=cfg.m, temperature=cfg.solver_temperature, top_p=cfg.solver_top_p,
+                               top_k=cfg.solver_top_k, max_new_tokens=cfg.solver_max_new_tokens)
+    votes = (vote or solver.answer_and_vote)(solver_model, tokenizer, valid_q, cfg.m, scfg, none_is_answer=code,
+                                             seed=seed)
+    sizes = cluster_sizes(valid_q, cfg.cut, symmetric=not code) if cfg.use_repetition_penalty else [0] * len(valid)
+
+    rewards = [-1.0 if code else 0.0] * B
+    stats = [dict(question=None, valid_format=False, p=None, majority=None, cluster_size=0, r_unc=0.0, r_rep=0.0,
+                  challenger_answer=parse_challenger_answer(t)) for t in completion_texts]
+    for i, v, size in zip(valid, votes, sizes):
+        r_rep = cfg.lam * size / B
+        if code:
+            r_unc = min(v.p, 1.0 - v.p)
+            rewards[i] = r_unc - r_rep
+        else:
+            r_unc = uncertainty_reward(v.p)
+            rewards[i] = max(0.0, r_unc - r_rep)
+        stats[i].update(question=questions[i], valid_format=True, p=v.p, majority=v.majority, cluster_size=size,
+                        r_unc=r_unc, r_rep=r_rep)
+    return rewards, stats
+
+
+def write_problems(model, tokenizer, n: int, cfg: ChallengerConfig, seed=None) -> list[str | None]:
+    """The frozen Challenger writes n problems for the Solver dataset (None where a completion has no
+    parsable question); one batched sampling call from the one prompt."""
+    out = sample.generate(model, [challenger_prompt(tokenizer)], n=n, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.dataset_top_p,
+                          eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer, seed=seed)
+    return [parse_question(c.text) for c in out[0]]

@@ -1,0 +1,429 @@
+r"""Answer grader: pull the final answer out of a response and decide whether two answers are equivalent.
+
+R-Zero uses it three times: the Challenger's uncertainty reward and the Solver's pseudo-labels come from
+`majority_vote` over m sampled answers, the Solver's reward is `is_equiv(boxed, pseudo_label)`, and
+evaluation checks `is_equiv(boxed, reference)`.
+
+How `is_equiv` decides:
+  1. Normalise both: LaTeX spacing and sizing (\left \right \, \!), $ wrappers, \text{} \mathrm{} \mbox{},
+     trailing unit words, degrees, %, \$, thousands separators (1,000 and 1{,}000), `x =` / `f(x) =`
+     prefixes, \dfrac, \frac12, trailing dots. Equal strings are equivalent.
+  2. Structure: tuples and intervals compare element by element and the brackets must be the same kind
+     ((1,2) is not [1,2]); sets \{...\} and bare lists ("-2, 1") ignore order; \cup unions and matrices
+     compare part by part.
+  3. Each element is read by a small recursive-descent evaluator: numbers, \frac, \sqrt[n]{}, ^, \cdot,
+     \times, implicit products, \pi, e, i, \ln \log \sin \cos \tan, n!, \binom. Rationals stay exact
+     (Fraction): 0.5 == \frac12 == 1/2, 27.0 == 27, 025 == 25, 2\frac{1}{2} == 5/2, but 0.333 != 1/3.
+     Irrational values are complex floats compared with relative tolerance 1e-9. Expressions with
+     variables are evaluated at 3 fixed pseudo-random points: x^2+2x+1 == (x+1)^2, x^2 != x^3.
+  4. Otherwise compare as text, ignoring case for single words: \text{(B)} == b.
+
+Departure from the authors' code: they used math_verify / sympy, which can hang (9^{9^{9^9}}) inside a
+thread timeout that did not always fire. This grader is bounded in time by construction, with no sympy
+and no eval/exec. Raw answers over MAX_INPUT characters are only compared as stripped strings;
+normalised answers over MAX_LEN are not parsed; the evaluator refuses nesting deeper than MAX_DEPTH and
+exponents above MAX_EXP; exact numbers past MAX_BITS become floats; an overflow or a division by zero
+makes an element "not evaluable", so it is compared as text. `extract_boxed` is one linear scan.
+majority_vote groups greedily (each answer joins the first equivalent group), as the authors' code does.
+"""
+import cmath
+import math
+import re
+import zlib
+from fractions import Fraction
+from functools import lru_cache
+
+MAX_INPUT = 5000  # longer raw answers are compared as stripped strings only
+MAX_LEN = 400  # longer normalised answers are never parsed (the longest benchmark answer is ~180)
+MAX_DEPTH = 32  # nesting the evaluator accepts (each level costs ~5 Python frames)
+MAX_EXP = 10_000  # largest |exponent| or root index
+MAX_BITS = 3400  # exact rationals past this (about 1e1000) become floats
+REL_TOL, ABS_TOL = 1e-9, 1e-12
+N_POINTS = 3  # evaluation points for answers with variables
+
+
+# ------------------------------------------------------------------------------------------ extraction
+
+_BOX = re.compile(r"\\(?:boxed|fbox) *")
+_BRACE = re.compile(r"[{}]")
+
+
+def extract_boxed(text):
+    """Content of the last \\boxed{...} / \\fbox{...} (nested braces) or `\\boxed 5`; None if absent or empty."""
+    if not isinstance(text, str) or (i := max(text.rfind("\\boxed"), text.rfind("\\fbox"))) < 0:
+        return None
+    box = _BOX.match(text, i)
+    if text.startswith("{", j := box.end()):
+        depth = 0
+        for m in _BRACE.finditer(text, j):
+            depth += 1 if m[0] == "{" else -1
+            if depth == 0:
+                return text[j + 1 : m.start()].strip() or None
+        return None  # unbalanced, e.g. a response cut off inside the box
+    if box[0].endswith(" "):  # "\boxed 5": the answer runs to the closing $ or the end of the line
+        return re.split(r"[$\n]", text[j:], maxsplit=1)[0].strip() or None
+    return None
+
+
+def extract_gsm8k(text):
+    """The GSM8K reference answer after the last `####`, commas removed; None if absent."""
+    if not isinstance(text, str) or (i := text.rfind("####")) < 0:
+        return None
+    return text[i + 4 :].partition("\n")[0].replace(",", "").strip().rstrip(".") or None
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+
+_SPACING = re.compile(r"\\\\|\\[,;:! ]|~|\\q?quad(?![a-zA-Z])")
+_SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![a-zA-Z])")
+_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
+_WRAPPER = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|operatorname)"
+    r"\s*\{([^{}]*)\}"
+)
+_UNIT = re.compile(
+    r"(?:units?|sq|square|cubic|per|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|yards?|miles?|mph|"
+    r"seconds?|secs?|s|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|years?|dollars?|cents?|degrees?|"
+    r"pounds?|lbs?|ounces?|oz|kg|grams?|g|liters?|litres?|ml|l|cups?|gallons?)(?:\^\{?[23]\}?)?\.?",
+    re.IGNORECASE,
+)
+_CMD_SPACE = re.compile(r"(\\[a-zA-Z]+) (?=[a-zA-Z])")  # "\pi r" must not become the command "\pir"
+_PREFIX = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?=")
+_THOUSANDS = re.compile(r"-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
+_CHOICE = re.compile(r"\(([A-Za-z])\)")
+_ONE_CHAR_ARG = re.compile(r"(\\frac|\\sqrt|_) ?([0-9a-zA-Z])")  # \frac12 -> \frac{1}2, \log_28 -> \log_{2}8
+_SECOND_ARG = re.compile(r"(\\frac\{[^{}]*\}) ?([0-9a-zA-Z])")  # \frac{1}2 -> \frac{1}{2}
+_MATRIX = re.compile(r"\\begin\{([pbvBV]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
+
+
+def _normalise(s):
+    s = s.replace("\\$", " ").replace("$", " ")
+    s = _SPACING.sub(lambda m: m[0] if m[0] == "\\\\" else " ", s)  # "\\" is a matrix row break: keep it
+    s = _SIZING.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _DEGREES.sub("", s).replace("\\%", "").replace("%", "").replace("{,}", ",")
+    for _ in range(4):  # \text{\textbf{x}} needs two passes
+        s = _WRAPPER.sub(r"\1", s)
+    words = s.split()
+    for _ in range(4):  # "15 cm^2", "10 miles per hour": drop trailing unit words after a number
+        if len(words) > 1 and _UNIT.fullmatch(words[-1]) and any(c.isdigit() for w in words[:-1] for c in w):
+            words.pop()
+    s = _CMD_SPACE.sub("\\1\t", " ".join(words)).replace(" ", "").replace("\t", " ").rstrip(".")
+    for _ in range(3):
+        if s.startswith("{") and s.endswith("}") and _split_top(s[1:-1], ",") is not None:
+            s = s[1:-1]
+    if (m := _PREFIX.match(s)) and s.count("=") == 1:
+        s = s[m.end() :]
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    if m := _CHOICE.fullmatch(s):
+        s = m[1]
+    return _SECOND_ARG.sub(r"\1{\2}", _ONE_CHAR_ARG.sub(r"\1{\2}", s))
+
+
+def _split_top(s, sep):
+    """Split s at separators outside any bracket; None if the brackets do not balance."""
+    parts, depth, start = [], 0, 0
+    for m in re.finditer(r"[(\[{]|[)\]}]|" + re.escape(sep), s):
+        if m[0] in "([{":
+            depth += 1
+        elif m[0] in ")]}":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 0:
+            parts.append(s[start : m.start()])
+            start = m.end()
+    return parts + [s[start:]] if depth == 0 else None
+
+
+# A parsed answer is a tree: ("=", text, values) for one element, or (kind, children) where
+# kind is "()", "[)", "{}" (a set), ... for brackets, "L" for a bare list, "U" for a union, "M"/"R" for a
+# matrix and its rows. Sets and bare lists ignore order.
+def _tree(s, depth=0):
+    if depth > 4 or len(s) > MAX_LEN:
+        return _leaf(s)
+    if m := _MATRIX.fullmatch(s):
+        rows = [r for r in m[2].split("\\\\") if r]
+        return ("M", tuple(("R", tuple(_tree(c, depth + 1) for c in r.split("&"))) for r in rows))
+    for sep, kind in (("\\cup", "U"), (",", "L")):
+        parts = _split_top(s, sep)
+        if parts and 1 < len(parts) <= 64:
+            return (kind, tuple(_tree(p, depth + 1) for p in parts))
+    if len(s) >= 4 and s.startswith("\\{") and s.endswith("\\}"):
+        kind, inner = "{}", s[2:-2]
+    elif len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
+        kind, inner = s[0] + s[-1], s[1:-1]
+    else:
+        return _leaf(s)
+    parts = _split_top(inner, ",")  # None: the outer brackets do not enclose everything, e.g. (1)+(2)
+    if parts is None or len(parts) > 64 or (kind != "{}" and len(parts) == 1):
+        return _leaf(s)
+    return (kind, tuple(_tree(p, depth + 1) for p in parts))
+
+
+def _leaf(s):
+    return ("=", s.lower() if s.isalpha() else s, _evaluate(s))
+
+
+# ------------------------------------------------------------------------------------------ evaluator
+
+_TOKEN = re.compile(r"\\[a-zA-Z]+|[0-9]+(?:\.[0-9]*)?(?:e[-+]?[0-9]{1,3})?|\.[0-9]+(?:e[-+]?[0-9]{1,3})?|\S")
+_MIXED = re.compile(r"(-?)([0-9]+)\\frac\{([0-9]+)\}\{([0-9]+)\}")
+_FUNCS = {"ln": cmath.log, "log": cmath.log, "exp": cmath.exp, "sin": cmath.sin, "cos": cmath.cos,
+          "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos, "arctan": cmath.atan}
+_GREEK = {"alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "phi", "rho", "sigma", "tau", "omega"}
+_ATOM_CMDS = {"\\frac", "\\sqrt", "\\binom", "\\pi"} | {"\\" + n for n in (*_FUNCS, *_GREEK)}
+_CONSTANTS = {"\\pi": complex(math.pi), "e": complex(math.e), "i": 1j}
+
+
+def _starts_atom(t):
+    return bool(t) and (t[0] in "0123456789.({" or t in _ATOM_CMDS or (t.isascii() and t.isalpha()))
+
+
+@lru_cache(maxsize=1024)
+def _point(name, k):
+    """The value of variable `name` at evaluation point k: fixed, pseudo-random, in [0.5, 2.5]."""
+    return complex(0.5 + zlib.crc32(f"{name}/{k}".encode("utf-8", "surrogatepass")) % 100_003 / 50_000)
+
+
+class _Refuse(Exception):
+    """The evaluator cannot read this expression, or it is out of bounds: compare it as text instead."""
+
+
+def _num(x):
+    """Keep a value bounded: an exact Fraction below 2**MAX_BITS, else a finite complex below 1e300."""
+    if type(x) is Fraction and max(x.numerator.bit_length(), x.denominator.bit_length()) <= MAX_BITS:
+        return x
+    x = complex(x)
+    if not abs(x) < 1e300:  # also rejects inf and nan
+        raise _Refuse
+    return x
+
+
+def _is_int(x, low, high):
+    return type(x) is Fraction and x.denominator == 1 and low <= x <= high
+
+
+def _pow(a, b):
+    if abs(complex(b)) > MAX_EXP:  # 9^{9^{9^9}} stops here
+        raise _Refuse
+    if type(a) is Fraction and _is_int(b, -MAX_EXP, MAX_EXP):
+        if max(a.numerator.bit_length(), a.denominator.bit_length()) * abs(b) <= 2 * MAX_BITS:
+            return _num(a ** int(b))  # exact, and at most twice MAX_BITS long before _num rounds it
+    return _num(complex(a) ** complex(b))
+
+
+def _root(x, n):
+    if not _is_int(n, 2, MAX_EXP):
+        raise _Refuse
+    x, n = complex(x), int(n)
+    if x.imag == 0 and x.real < 0 and n % 2:  # the real odd root, \sqrt[3]{-8} = -2
+        return _num(-((-x.real) ** (1 / n)))
+    return _num(x ** (1 / n))
+
+
+class _Parser:
+    """expr := term (+|- term)*; term := unary ((* | / | implicit) unary)*; unary := (+|-)* power;
+    power := atom !* [^ arg]; arg := [-] atom. Variables take fixed values at evaluation point k."""
+
+    def __init__(self, tokens, k):
+        # The token list ends with "", which take() refuses, so self.i never runs past it.
+        self.toks, self.i, self.k, self.depth, self.has_variables = tokens + [""], 0, k, 0, False
+
+    def take(self, want=None):
+        t = self.toks[self.i]
+        if not t or (want is not None and t != want):
+            raise _Refuse
+        self.i += 1
+        return t
+
+    def accept(self, *options):
+        """Consume and return the next token if it is one of options, else return ""."""
+        t = self.toks[self.i]
+        if t in options:
+            self.i += 1
+            return t
+        return ""
+
+    def parse(self):
+        v = self.expr()
+        if self.toks[self.i]:
+            raise _Refuse
+        return v
+
+    def expr(self):
+        v = self.term()
+        while op := self.accept("+", "-"):
+            v = _num(v + self.term() if op == "+" else v - self.term())
+        return v
+
+    def term(self):
+        v = self.unary()
+        while True:
+            if self.accept("*", "\\cdot", "\\times"):
+                v = _num(v * self.unary())
+            elif self.accept("/", "\\div"):
+                v = _num(v / self.unary())
+            elif _starts_atom(self.toks[self.i]):
+                v = _num(v * self.power())  # implicit product: 2\sqrt{3}, 2x, (1+i)(1-i)
+            else:
+                return v
+
+    def unary(self):
+        negative = False
+        while op := self.accept("+", "-"):
+            negative ^= op == "-"
+        v = self.power()
+        return -v if negative else v
+
+    def power(self):
+        v = self.atom()
+        while self.accept("!"):
+            if not _is_int(v, 0, 400):  # 400! < 2**MAX_BITS
+                raise _Refuse
+            v = Fraction(math.factorial(int(v)))
+        return _pow(v, self.arg()) if self.accept("^") else v
+
+    def arg(self):
+        return -self.atom() if self.accept("-") else self.atom()
+
+    def atom(self):
+        self.depth += 1  # every recursion passes through here, so this counter bounds the Python stack
+        if self.depth > MAX_DEPTH:
+            raise _Refuse
+        v = self._atom(self.take())
+        self.depth -= 1
+        return v
+
+    def _atom(self, t):
+        if t[0] in "0123456789.":
+            return _num(Fraction(t))
+        if t in _CONSTANTS:
+            return _CONSTANTS[t]
+        if t in ("(", "{"):
+            v = self.expr()
+            self.take(")" if t == "(" else "}")
+            return v
+        if t == "\\frac":
+            return _num(self.arg() / self.arg())
+        if t == "\\sqrt":
+            n = Fraction(2)
+            if self.accept("["):
+                n = self.expr()
+                self.take("]")
+            return _root(self.arg(), n)
+        if t == "\\binom":
+            n, k = self.arg(), self.arg()
+            if not (_is_int(n, 0, 1000) and _is_int(k, 0, 1000)):
+                raise _Refuse
+            return _num(Fraction(math.comb(int(n), int(k))))
+        if t[0] == "\\" and t[1:] in _FUNCS:  # \sin^2 x, \log_{10} 2, \ln(x)
+            p = self.arg() if self.accept("^") else None
+            base = self.arg() if self.accept("_") else None
+            v = _FUNCS[t[1:]](complex(self.power()))
+            v = _num(v if base is None else v / cmath.log(base))
+            return v if p is None else _pow(v, p)
+        if (len(t) == 1 and t.isascii() and t.isalpha()) or (t[0] == "\\" and t[1:] in _GREEK):
+            if self.accept("_"):  # a subscripted variable: a_{1}, x_{n}
+                sub = self.take()
+                while sub[0] == "{" and not sub.endswith("}"):
+                    sub += self.take()
+                t += "_" + sub
+            self.has_variables = True
+            return _point(t, self.k)
+        raise _Refuse
+
+
+def _evaluate(s):
+    """Values of an expression at the N_POINTS evaluation points (all equal without variables), or None."""
+    if len(s) > MAX_LEN:
+        return None
+    if m := _MIXED.fullmatch(s):
+        s = f"{m[1]}({m[2]}+\\frac{{{m[3]}}}{{{m[4]}}})"
+    tokens = _TOKEN.findall(s)
+    try:
+        first = _Parser(tokens, 0)
+        value = first.parse()
+        if not first.has_variables:
+            return (value,) * N_POINTS
+        return (value, *(_Parser(tokens, k).parse() for k in range(1, N_POINTS)))
+    except (_Refuse, ArithmeticError, ValueError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+def _close(x, y):
+    if type(x) is Fraction and type(y) is Fraction:
+        return x == y
+    try:
+        x, y = complex(x), complex(y)
+        return abs(x - y) <= REL_TOL * max(abs(x), abs(y)) + ABS_TOL
+    except OverflowError:  # an exact number beyond float range against a float
+        return False
+
+
+def _eq(a, b):
+    if a[0] != b[0]:
+        return False
+    if a[0] == "=":
+        return bool(a[1]) and (a[1] == b[1] or (a[2] is not None and b[2] is not None
+                                                and all(map(_close, a[2], b[2]))))
+    if len(a[1]) != len(b[1]):
+        return False
+    if a[0] in ("{}", "L"):  # order-free: greedily match each element to an unused equivalent one
+        rest = list(b[1])
+        for x in a[1]:
+            j = next((j for j, y in enumerate(rest) if _eq(x, y)), None)
+            if j is None:
+                return False
+            del rest[j]
+        return True
+    return all(map(_eq, a[1], b[1]))
+
+
+@lru_cache(maxsize=4096)
+def _key(answer):
+    """(normalised string, parsed tree); cached because majority_vote compares each answer many times."""
+    if len(answer) > MAX_INPUT:
+        s = answer.strip()
+        return s, ("=", s, None)
+    s = _normalise(answer)
+    return s, _tree(s)
+
+
+def _same(a, b):
+    return bool(a[0]) and (a[0] == b[0] or _eq(a[1], b[1]))
+
+
+def is_equiv(pred, ref):
+    """True iff the two final answers are mathematically equivalent. Non-strings are never equivalent."""
+    if not (isinstance(pred, str) and isinstance(ref, str)):
+        return False
+    return _same(_key(pred), _key(ref))
+
+
+def majority_vote(answers, none_is_answer=False):
+    """(majority answer, p): answers are grouped by equivalence; p = size of the largest group / len(answers).
+
+    Missing answers (None or empty) count in the denominator but never form a group, unless
+    none_is_answer=True (the authors' code): then they are the string "None" and can win. Ties go to
+    the group formed first.
+    """
+    groups = []  # [key, representative, count] in order of formation
+    for a in answers:
+        if not isinstance(a, str) or not _key(a)[0]:
+            if not none_is_answer:
+                continue
+            a = "None"
+        key = _key(a)
+        for g in groups:
+            if _same(g[0], key):
+                g[2] += 1
+                break
+        else:
+            groups.append([key, a, 1])
+    if not groups:
+        return None, 0.0
+    best = max(groups, key=lambda g: g[2])  # max keeps the first of equal counts
+    return best[1], best[2] / len(answers)
