@@ -1,0 +1,228 @@
+"""GRPO: the policy-gradient step that trains both the Challenger and the Solver of R-Zero.
+
+For each prompt the sampler draws a group of G completions; each gets a scalar reward r. The advantage of a
+completion is its reward relative to its own group (no value network):
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)                       broadcast over its tokens
+
+and every completion token t is trained with the PPO-clip objective plus a k3 KL penalty to a frozen
+reference policy (the policy at the start of the phase):
+
+    ratio  = exp(logp - logp_old)
+    pg     = max(-A * ratio, -A * clip(ratio, 1 - 0.2, 1 + 0.3))              "clip-higher" (DAPO)
+    pg     = min(pg, -A * 3.0)        if A < 0                                 dual-clip (Ye et al. 2020)
+    k3     = exp(d) - d - 1,  d = logp_ref - logp,  clamped to [-10, 10]       (Schulman 2020)
+    loss_t = pg + 0.01 * k3
+
+then aggregated over tokens with one of three normalisations (`loss_agg`): "token_mean" (sum over all
+tokens / number of tokens), "seq_mean_token_mean" (mean within each sequence, then over sequences),
+"constant" (Dr. GRPO: sum / (sequences * max_len_norm), no length bias).
+
+Choices and departures from the paper / the authors' EasyR1 code:
+- One call of `grpo_update` is one optimizer step over the whole rollout batch it is given, 1 epoch (as in
+  the paper). The caller splits a rollout step into its optimizer updates (R-Zero: 4 per step).
+- The normaliser (token or sequence count) is computed over the WHOLE optimizer batch before the
+  micro-batch loop. The authors' code divides each micro-batch by its own token count, so the update
+  depends on how sequences fall into micro-batches; here micro-batched gradients equal one big batch.
+- Log-probs are computed in float32 from chunks of hidden states, so a [B, T, vocab] tensor never exists
+  (a 151k vocab at B*T = 32k tokens would be 20 GB); each chunk is recomputed in backward.
+- old_logp may be the sampler's log-probs or None (recomputed: the detached current policy, ratio == 1).
+- No entropy bonus, no KL in the reward, the step is skipped when the gradient norm is non-finite.
+
+FSDP2: the model is called only through `model(...)`, the lm_head is applied to the hidden states of that
+same forward (the root module's parameters stay unsharded until backward), no `.data` is touched and grad
+clipping uses clip_grad_norm_, which handles DTensors. Every rank must hold the same number of sequences,
+because each micro-batch forward/backward runs collectives.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "constant")
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_low: float = 0.2            # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.3
+    dual_clip: float | None = 3.0    # cap of -A * ratio for A < 0; None = off
+    kl_coef: float = 0.01
+    kl_clamp: float = 10.0
+    loss_agg: str = "token_mean"     # "token_mean" | "seq_mean_token_mean" | "constant"
+    max_len_norm: int = 4096         # the constant of loss_agg="constant" (max response length)
+    grad_clip: float = 1.0
+    micro_batch: int = 8             # sequences per forward/backward
+    temperature: float = 1.0         # must equal the sampler's: log-probs of logits / T
+    logprob_chunk: int = 1024        # tokens per lm_head + log_softmax chunk
+    scale_adv_by_std: bool = True    # False: Dr. GRPO advantages r - mean
+
+    def __post_init__(self):
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}.")
+        if self.dual_clip is not None and self.dual_clip <= 1 + self.clip_high:
+            raise ValueError(f"dual_clip must exceed 1 + clip_high = {1 + self.clip_high}, got {self.dual_clip}.")
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor              # (B, T) right-padded prompt + completion
+    completion_mask: torch.Tensor        # (B, T) bool: completion tokens to train on (no prompt, no pads)
+    advantages: torch.Tensor             # (B,) one per sequence
+    old_logp: torch.Tensor | None = None  # (B, T) log-probs of the sampling policy; None = current policy
+    ref_logp: torch.Tensor | None = None  # (B, T) log-probs of the frozen reference; None = no KL term
+
+    def __post_init__(self):
+        self.completion_mask = self.completion_mask.bool()
+        if self.completion_mask.shape != self.input_ids.shape or self.advantages.shape != self.input_ids.shape[:1]:
+            raise ValueError("Rollout: input_ids/completion_mask must be (B, T) and advantages (B,).")
+        if self.completion_mask[:, 0].any() or not self.completion_mask.any(1).all():
+            raise ValueError("Rollout: every sequence needs a prompt token first and at least one completion token.")
+
+
+def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
+    """rewards (B*G,), consecutive groups of group_size -> (advantages (B*G,), number of zero-variance groups)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}.")
+    r = rewards.view(-1, group_size)                                     # (B, G)
+    adv = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(1, keepdim=True) + eps)  # unbiased std (n - 1), torch's default as in verl/EasyR1
+    zero_var = (r == r[:, :1]).all(1)                                    # (B,)
+    # all-equal groups carry no signal; force exact zeros (the mean of equal floats can round off)
+    adv = adv.masked_fill(zero_var[:, None], 0.0)
+    return adv.flatten(), int(zero_var.sum())
+
+
+def _chunk_logprobs(lm_head, h, targets, temperature):
+    logits = lm_head(h).float() / temperature                           # (n, vocab) float32
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (n,)
+
+
+def token_logprobs(model, input_ids, completion_mask, temperature, chunk=1024):
+    """logp[b, t] = log_softmax(logits[b, t-1] / T)[input_ids[b, t]] where completion_mask[b, t], else 0."""
+    mask = completion_mask[:, 1:].bool()         # (B, T-1): position t predicts token t+1; column 0 ignored
+    h = model(input_ids, return_hidden=True)     # (B, T, D)
+    h = h[:, :-1][mask]                          # (N, D) only the positions we score
+    targets = input_ids[:, 1:][mask]             # (N,)
+    parts = [checkpoint(_chunk_logprobs, model.lm_head, h[i:i + chunk], targets[i:i + chunk], temperature,
+                        use_reentrant=False)    # backward keeps one chunk of logits alive, not N of them
+             for i in range(0, targets.numel(), chunk)]
+    vals = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, vals)  # (B, T-1)
+    return F.pad(logp, (1, 0))                                                                    # (B, T)
+
+
+def loss_normaliser(mask, cfg):
+    """The denominator of the loss for this batch: tokens, sequences, or sequences * max_len_norm."""
+    if cfg.loss_agg == "token_mean":
+        return mask.sum().float()
+    n_seq = torch.tensor(float(mask.shape[0]), device=mask.device)
+    return n_seq * cfg.max_len_norm if cfg.loss_agg == "constant" else n_seq
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
+    """logp/old_logp/ref_logp/mask (B, T), advantages (B,) -> (scalar loss, stats of 0-dim detached tensors).
+
+    normaliser comes from loss_normaliser over the whole optimizer batch, so summing the losses of the
+    micro-batches gives the loss of the batch."""
+    mask = mask.float()
+    adv = advantages[:, None].float()                     # (B, 1) broadcast over the sequence's tokens
+    ratio = (logp - old_logp).clamp(-20, 20).exp()        # clamp: exp overflow would give inf * 0 = nan grads
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high))  # (B, T)
+    if cfg.dual_clip is not None:
+        # for A < 0 the clipped objective is unbounded in ratio: one stale token could dominate the batch
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = (ref_logp - logp).clamp(-20, 20)
+        kl = (d.exp() - d - 1).clamp(-cfg.kl_clamp, cfg.kl_clamp)  # k3: unbiased, >= 0, low variance
+    loss_tok = pg + cfg.kl_coef * kl                       # (B, T)
+    if cfg.loss_agg == "seq_mean_token_mean":
+        loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
+    else:
+        loss = (loss_tok * mask).sum() / normaliser
+
+    with torch.no_grad():
+        n = mask.sum()
+
+        def mean(x):
+            return (x.float() * mask).sum() / n.clamp(min=1)
+        dual = cfg.dual_clip if cfg.dual_clip is not None else math.inf
+        stats = dict(clip_frac_low=mean((adv < 0) & (ratio < 1 - cfg.clip_low)),
+                     clip_frac_high=mean((adv > 0) & (ratio > 1 + cfg.clip_high)),
+                     dual_clip_frac=mean((adv < 0) & (ratio > dual)),
+                     kl=mean(kl), ratio=mean(ratio),
+                     entropy=mean(-logp),  # -log p of sampled tokens: a one-sample entropy estimate
+                     tokens=n)
+    return loss, stats
+
+
+def _micro_batches(mask, size):
+    """Yield (rows, T_mb): slices of `size` sequences, each trimmed to its last completion column."""
+    ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).tolist()  # one sync
+    for i in range(0, mask.shape[0], size):
+        yield slice(i, i + size), int(max(ends[i:i + size]))
+
+
+@torch.no_grad()
+def rollout_logprobs(model, input_ids, completion_mask, cfg):
+    """token_logprobs over a whole batch in micro-batches, without grad (e.g. the reference model's ref_logp)."""
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # (B, T)
+    for rows, t in _micro_batches(completion_mask.bool(), cfg.micro_batch):
+        out[rows, :t] = token_logprobs(model, input_ids[rows, :t], completion_mask[rows, :t], cfg.temperature,
+                                       cfg.logprob_chunk)
+    return out
+
+
+def make_optimizer(model, cfg):
+    # weight decay on every parameter (norms and embeddings too), as in EasyR1
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+STAT_KEYS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl", "ratio", "entropy")
+
+
+def grpo_update(model, optimizer, rollout, cfg):
+    """One optimizer step over the whole rollout batch (gradient accumulation over micro-batches)."""
+    mask = rollout.completion_mask
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    normaliser = loss_normaliser(mask, cfg)
+    if world > 1:
+        # each rank sees only its shard; the global denominator makes the sum over ranks the global loss,
+        # and `* world` undoes the data-parallel gradient averaging
+        dist.all_reduce(normaliser)
+
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(len(STAT_KEYS) + 2, device=mask.device)  # loss, token-weighted stats, tokens
+    for rows, t in _micro_batches(mask, cfg.micro_batch):
+        m = mask[rows, :t]                                        # (b, t) padding columns trimmed
+        logp = token_logprobs(model, rollout.input_ids[rows, :t], m, cfg.temperature, cfg.logprob_chunk)
+        old = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows, :t]
+        ref = None if rollout.ref_logp is None else rollout.ref_logp[rows, :t]
+        loss, st = policy_loss(logp, old, ref, rollout.advantages[rows], m, cfg, normaliser)
+        (loss * world).backward()
+        sums += torch.stack([loss.detach()] + [st[k] * st["tokens"] for k in STAT_KEYS] + [st["tokens"]])
+    if world > 1:
+        dist.all_reduce(sums)
+
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # DTensor grads (FSDP2) give a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    skipped = not torch.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # also frees the grads before the next rollout
+
+    tokens = sums[-1].clamp(min=1)
+    stats = {k: float(v / tokens) for k, v in zip(STAT_KEYS, sums[1:-1])}
+    stats.update(loss=float(sums[0]), tokens=float(sums[-1]), grad_norm=float(grad_norm), skipped=float(skipped))
+    return stats
