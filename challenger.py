@@ -63,6 +63,8 @@ class ChallengerConfig:
     temperature: float = 1.0
     top_p: float = 0.99
     max_new_tokens: int = 4096
+    memory_budget: int = 2**30  # KV-cache bytes per sampling call (sample.generate)
+    progress: bool = False  # tqdm bars while sampling
     dataset_top_p: float = 0.95  # when the frozen Challenger writes the N problems of the Solver dataset
     # reward
     reward_variant: str = "paper"  # "paper" | "code"
@@ -252,7 +254,8 @@ def challenger_rewards(completion_texts: list[str], solver_model, tokenizer, cfg
     valid = [i for i, q in enumerate(questions) if q is not None]  # bad formats are neither scored nor clustered
     valid_q = [questions[i] for i in valid]
     scfg = solver.SolverConfig(m=cfg.m, temperature=cfg.solver_temperature, top_p=cfg.solver_top_p,
-                               top_k=cfg.solver_top_k, max_new_tokens=cfg.solver_max_new_tokens)
+                               top_k=cfg.solver_top_k, max_new_tokens=cfg.solver_max_new_tokens,
+                               memory_budget=cfg.memory_budget, progress=cfg.progress)
     votes = (vote or solver.answer_and_vote)(solver_model, tokenizer, valid_q, cfg.m, scfg, none_is_answer=code,
                                              seed=seed)
     sizes = cluster_sizes(valid_q, cfg.cut, symmetric=not code) if cfg.use_repetition_penalty else [0] * len(valid)
@@ -278,5 +281,6 @@ def write_problems(model, tokenizer, n: int, cfg: ChallengerConfig, seed=None) -
     parsable question); one batched sampling call from the one prompt."""
     out = sample.generate(model, [challenger_prompt(tokenizer)], n=n, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.dataset_top_p,
-                          eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer, seed=seed)
+                          eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer, seed=seed,
+                          memory_budget=cfg.memory_budget, progress=cfg.progress)
     return [parse_question(c.text) for c in out[0]]

@@ -142,8 +142,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
-        # Qwen2 has bias on q/k/v only; Llama's attention_bias covers o_proj too
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=bias and cfg.model_type == "llama")
+        # Qwen2 has bias on q/k/v only; Llama's and Qwen3's attention_bias covers o_proj too
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)

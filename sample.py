@@ -5,7 +5,8 @@ How a request is served (R-Zero's requests are large: the Solver answers N x m =
 iteration, the Challenger's reward samples m answers for each of 2,048 questions per step):
 - The request is a queue of jobs (prompt i, sample j). A pre-allocated cache of B rows holds the jobs in
   flight; B is as many rows as `memory_budget` bytes of cache allow, so a request of any size is served by
-  refilling rows, never by one giant allocation.
+  refilling rows, never by one giant allocation (admitting jobs also allocates a prefill cache of their
+  distinct prompts only, at most B x the longest prompt).
 - A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
   share one prefill: the prompt is run once and its cache copied into their rows (the GRPO group).
 - Every row writes token t at cache slot t, so rows of different lengths need no left padding: a row's
@@ -66,7 +67,7 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
         sorted_lp, order = filtered.sort(dim=-1, descending=True)
-        probs = sorted_lp.exp()
+        probs = sorted_lp.softmax(-1)  # renormalised over the top-k survivors first, as transformers and vLLM do
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p; keeps the first
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
     tok = torch.multinomial(F.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)

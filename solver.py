@@ -35,6 +35,8 @@ class SolverConfig:
     top_p: float = 1.0  # untruncated: p estimates the policy's own answer distribution
     top_k: int = 0  # the authors' code used 40
     max_new_tokens: int = 4096
+    memory_budget: int = 2**30  # KV-cache bytes per sampling call (sample.generate)
+    progress: bool = False  # a tqdm bar while sampling
     # dataset filter
     delta: float = 0.25  # keep |p - 1/2| <= delta
     use_filter: bool = True  # False = the paper's "without filtering" ablation (keep every problem with a majority)
@@ -63,7 +65,7 @@ def sample_answers(model, tokenizer, problems: list[str], m: int, cfg: SolverCon
     prompts = [solver_prompt(tokenizer, q) for q in problems]
     out = sample.generate(model, prompts, n=m, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=sample.eos_ids_of(tokenizer),
-                          tokenizer=tokenizer, seed=seed)
+                          tokenizer=tokenizer, seed=seed, memory_budget=cfg.memory_budget, progress=cfg.progress)
     return [[c.text for c in row] for row in out]
 
 

@@ -1,0 +1,344 @@
+"""sample.py: greedy against transformers, batching invariances, the sampling distribution, log-probs, stopping,
+the shared prefill, the memory budget and the CLI. Tiny random models, CPU."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_hf_model, make_tokenizer
+from model import Transformer
+from sample import Completion, chat_prompt, eos_ids_of, generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# initializer_range=0.2 gives logits of std ~1.5: peaked enough that greedy has no near-ties and top-k / top-p
+# cut real mass, flat enough that a temperature of 1 spreads samples over dozens of tokens
+INIT = 0.2
+
+
+def rand_prompts(lens, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (our model, the transformers model it was loaded from)."""
+    out = {}
+    for family in ("qwen3", "llama"):
+        d = tmp_path_factory.mktemp("sample") / family
+        hf = make_hf_model(d, family, initializer_range=INIT)
+        out[family] = (Transformer.from_pretrained(str(d)).eval(), hf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A folder holding a tiny qwen3 model and its tokenizer (vocab sizes agree), as the CLI expects."""
+    d = tmp_path_factory.mktemp("tok") / "qwen3"
+    tok = make_tokenizer(d)
+    make_hf_model(d, "qwen3", vocab=len(tok), initializer_range=INIT)
+    return str(d), Transformer.from_pretrained(str(d)).eval(), tok
+
+
+def greedy(model, prompts, **kw):
+    return generate(model, prompts, temperature=0.0, **kw)
+
+
+def toks(results):
+    return [[c.tokens for c in row] for row in results]
+
+
+# ---------------------------------------------------------------- greedy == transformers, batching invariances
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_greedy_matches_transformers_generate(models, family):
+    model, hf = models[family]
+    prompts = rand_prompts([3, 20, 55], seed=1)  # 55 + 16 > 64: past llama3's original context
+    ours = greedy(model, prompts, max_new_tokens=16)
+    for p, row in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert row[0].tokens == ref[0, len(p):].tolist()
+        assert row[0].finish_reason == "length"
+
+
+def test_batch_of_different_lengths_equals_each_alone(models):
+    model, _ = models["qwen3"]
+    prompts = rand_prompts([3, 17, 40], seed=2)
+    batched = greedy(model, prompts, n=2, max_new_tokens=12)
+    for p, row in zip(prompts, batched):
+        alone = greedy(model, [p], max_new_tokens=12)[0][0]
+        for c in row:  # greedy: both samples of the group are the same completion
+            assert c.tokens == alone.tokens
+            assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_same_seed_same_output_different_seed_differs(models):
+    model, _ = models["qwen3"]
+    prompts = rand_prompts([5, 9], seed=3)
+    kw = dict(n=4, max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50)
+    a = generate(model, prompts, seed=1, **kw)
+    b = generate(model, prompts, seed=1, **kw)
+    c = generate(model, prompts, seed=2, **kw)
+    assert toks(a) == toks(b)
+    assert [[x.logprobs for x in row] for row in a] == [[x.logprobs for x in row] for row in b]
+    assert toks(a) != toks(c)
+
+
+# ---------------------------------------------------------------- log-probs and the sampling distribution
+
+
+@torch.no_grad()
+def recomputed_logprobs(model, prompt, completion, temperature):
+    """log softmax(logits / T) of each completion token, from one plain forward pass of prompt + completion."""
+    full = torch.tensor([prompt + completion])
+    logits = model(full)[0, len(prompt) - 1: -1].float()  # (len(completion), V): the logits that chose each token
+    return F.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+def test_logprobs_equal_plain_forward(models):
+    model, _ = models["llama"]
+    prompts = rand_prompts([4, 11, 30], seed=4)
+    T, top_k = 0.8, 20
+    out = generate(model, prompts, n=3, max_new_tokens=12, temperature=T, top_p=0.9, top_k=top_k, seed=0)
+    for p, row in zip(prompts, out):
+        for c in row:
+            assert len(c.tokens) == len(c.logprobs) == 12
+            ref = recomputed_logprobs(model, p, c.tokens, T)
+            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+            # every sampled token lies inside the top-k set of its step
+            with torch.no_grad():
+                logits = model(torch.tensor([p + c.tokens]))[0, len(p) - 1: -1]
+            rank = (logits > logits.gather(-1, torch.tensor(c.tokens)[:, None])).sum(-1)
+            assert int(rank.max()) < top_k
+
+
+def test_greedy_logprobs_are_at_temperature_one(models):
+    model, _ = models["qwen3"]
+    p = rand_prompts([7], seed=5)[0]
+    c = greedy(model, [p], max_new_tokens=8)[0][0]
+    assert torch.allclose(torch.tensor(c.logprobs), recomputed_logprobs(model, p, c.tokens, 1.0), atol=1e-4)
+
+
+@torch.no_grad()
+def target_distribution(model, prompt, temperature, top_k, top_p):
+    """The distribution of the first sampled token, by hand, in the order transformers and vLLM use:
+    logits / T, keep the top_k largest, renormalise, keep the smallest head whose mass reaches top_p."""
+    logits = model(torch.tensor([prompt]))[0, -1].double() / temperature  # (V,)
+    probs = logits.softmax(-1)
+    if top_k > 0:
+        kth = probs.topk(top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+        probs = probs / probs.sum()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens ranked above
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order] = before < top_p
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+N_DRAWS = 20_000
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 8, 1.0), (1.3, 0, 0.7), (1.3, 20, 0.8)],
+                         ids=["temperature", "top_k", "top_p", "top_k+top_p"])
+def test_sampled_distribution_matches_target(models, temperature, top_k, top_p):
+    """20,000 first tokens against the hand-computed distribution. Tolerances: no token outside the kept set,
+    ever; Pearson's chi-square over the kept tokens (bins with expected count < 5 merged) below
+    df + 6 sqrt(2 df), a false alarm well under 1e-4 for a correct sampler; total variation < 0.03 (its
+    expected value here is <= 0.015)."""
+    model, _ = models["qwen3"]
+    prompt = rand_prompts([12], seed=6)[0]
+    target = target_distribution(model, prompt, temperature, top_k, top_p)
+    out = generate(model, [prompt], n=N_DRAWS, max_new_tokens=1, temperature=temperature, top_p=top_p,
+                   top_k=top_k, seed=0)
+    first = torch.tensor([c.tokens[0] for c in out[0]])
+    counts = torch.bincount(first, minlength=target.numel()).double()
+    outside = counts[target == 0].sum().item()
+    assert outside == 0, f"{outside:.0f} draws fell outside the top-k / top-p set"
+    expected = N_DRAWS * target[target > 0]
+    observed = counts[target > 0]
+    small = expected < 5
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    if expected[-1] == 0:
+        expected, observed = expected[:-1], observed[:-1]
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    df = expected.numel() - 1
+    assert df >= 5  # the test has teeth: the kept set is not nearly a single token
+    assert chi2 < df + 6 * math.sqrt(2 * df), (chi2, df)
+    tv = 0.5 * (counts / N_DRAWS - target).abs().sum().item()
+    assert tv < 0.03, tv
+
+
+# ---------------------------------------------------------------- the group shares one prefill
+
+
+def test_n_samples_share_one_prefill(models, monkeypatch):
+    model, _ = models["qwen3"]
+    calls = []
+    forward = model.forward
+
+    def counting(idx, *a, **kw):
+        calls.append(tuple(idx.shape))
+        return forward(idx, *a, **kw)
+
+    monkeypatch.setattr(model, "forward", counting)
+    prompts = rand_prompts([6, 9], seed=7)
+    out = generate(model, prompts, n=4, max_new_tokens=5, temperature=1.0, seed=0)
+    prefills = [s for s in calls if s[1] > 1]
+    assert prefills == [(2, 9)]  # one forward over the two distinct prompts, not 2 x 4 rows
+    assert all(s[1] == 1 and s[0] <= 8 for s in calls if s[1] == 1)
+    assert len(calls) == 1 + 4  # prefill, then one decode step per token after the first
+    for row in out:  # rows copied from one prefill still sample independently
+        assert len({tuple(c.tokens) for c in row}) > 1
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def truncate_at(tokens, eos):
+    """What a run with `eos` must return, given the run without it."""
+    for t, x in enumerate(tokens):
+        if x in eos:
+            return tokens[: t + 1], "eos"
+    return tokens, "length"
+
+
+def test_stop_on_eos(models):
+    model, _ = models["llama"]
+    prompts = rand_prompts([5, 13, 9], seed=8)
+    free = greedy(model, prompts, max_new_tokens=12)
+    eos = [free[0][0].tokens[3], free[1][0].tokens[6]]
+    out = greedy(model, prompts, n=2, max_new_tokens=12, eos_ids=eos)
+    reasons = set()
+    for ref, row in zip(free, out):
+        want, reason = truncate_at(ref[0].tokens, eos)
+        for c in row:
+            assert c.tokens == want and c.finish_reason == reason and c.text is None
+            assert c.logprobs == pytest.approx(ref[0].logprobs[: len(want)], abs=1e-4)
+            reasons.add(reason)
+    assert out[0][0].tokens[-1] in eos and len(out[0][0].tokens) <= 4
+    assert "eos" in reasons
+
+
+def test_max_new_tokens_is_length(models):
+    model, _ = models["qwen3"]
+    out = generate(model, rand_prompts([4, 6], seed=9), n=3, max_new_tokens=7, seed=0)
+    for row in out:
+        for c in row:
+            assert isinstance(c, Completion)
+            assert len(c.tokens) == len(c.logprobs) == 7 and c.finish_reason == "length"
+
+
+def test_stop_strings(with_tokenizer):
+    _, model, tok = with_tokenizer
+    prompt = chat_prompt(tok, "put the answer within boxed", "hello world")
+    free = greedy(model, [prompt], max_new_tokens=12, tokenizer=tok)[0][0]
+    assert free.text == tok.decode(free.tokens, skip_special_tokens=True)
+    # a word the greedy completion produces, as the stop string; tokens 0-3 are the special ones
+    k = next(t for t in range(3, 12) if free.tokens[t] > 3)
+    stop = tok.convert_ids_to_tokens(free.tokens[k])
+    first = next(t for t in range(12) if stop in tok.decode(free.tokens[: t + 1]))  # may be before k
+    out = greedy(model, [prompt], n=2, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
+    for c in out[0]:
+        assert c.tokens == free.tokens[: first + 1]
+        assert c.finish_reason == "stop"
+        assert c.text == tok.decode(c.tokens, skip_special_tokens=True) and stop in c.text
+
+
+def test_eos_text_and_helpers(with_tokenizer):
+    _, model, tok = with_tokenizer
+    assert eos_ids_of(tok) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")})
+    prompt = chat_prompt(tok, "system", "hello world")
+    msgs = [{"role": "system", "content": "system"}, {"role": "user", "content": "hello world"}]
+    assert prompt == tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False)
+    free = greedy(model, [prompt], max_new_tokens=10)[0][0]
+    eos = [free.tokens[4]]
+    c = greedy(model, [prompt], max_new_tokens=10, eos_ids=eos, tokenizer=tok)[0][0]
+    assert c.finish_reason == "eos" and c.tokens[-1] == eos[0]
+    assert c.text == tok.decode(c.tokens, skip_special_tokens=True)
+
+
+def test_chat_prompt_fallback_without_template():
+    tok = make_tokenizer()
+    tok.chat_template = None
+    ids = chat_prompt(tok, "system", "hello world")
+    assert ids == tok.encode("system: system\nuser: hello world\nassistant:", add_special_tokens=False)
+
+
+def test_bad_requests_raise_value_error(models):
+    model, _ = models["qwen3"]
+    with pytest.raises(ValueError):
+        generate(model, [])
+    with pytest.raises(ValueError):
+        generate(model, [[1, 2], []])
+    with pytest.raises(ValueError):
+        generate(model, [[1, 2]], stop_strings=["x"])
+
+
+# ---------------------------------------------------------------- memory budget
+
+
+def row_bytes(model, max_len):
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * 4  # k and v, float32
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_memory_budget_serves_every_completion(models, monkeypatch, rows):
+    model, _ = models["qwen3"]
+    prompts = rand_prompts([5, 9, 14], seed=10)
+    n, max_new = 3, 10
+    free = greedy(model, prompts, n=n, max_new_tokens=max_new)
+    eos = [free[0][0].tokens[2], free[2][0].tokens[7]]  # rows finish at different steps, so rows get refilled
+    unconstrained = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos)
+    max_len = 14 + max_new
+    budget = rows * row_bytes(model, max_len)
+    allocs = []
+    new_cache = model.new_cache
+
+    def recording(batch, max_len, *a, **kw):
+        allocs.append((batch, max_len))
+        return new_cache(batch, max_len, *a, **kw)
+
+    monkeypatch.setattr(model, "new_cache", recording)
+    out = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos, memory_budget=budget)
+    assert allocs[0] == (rows, max_len)  # the decode cache: as many rows as the budget holds
+    assert all(row_bytes(model, L) * b <= budget for b, L in allocs), allocs
+    assert len(out) == 3 and all(len(row) == n for row in out)
+    assert toks(out) == toks(unconstrained)
+    assert [[c.finish_reason for c in r] for r in out] == [[c.finish_reason for c in r] for r in unconstrained]
+    assert {c.finish_reason for r in out for c in r} == {"eos", "length"}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_cli_prints_samples(with_tokenizer):
+    path, _, _ = with_tokenizer
+    r = run_cli("--model", path, "--prompt", "hello world", "--n", "2", "--max-new-tokens", "5", "--chat")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- sample ") == 2
+    assert "--- sample 0 (" in r.stdout and "--- sample 1 (" in r.stdout
+
+
+def test_cli_missing_folder(tmp_path):
+    r = run_cli("--model", str(tmp_path / "nope"), "--prompt", "hello")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
