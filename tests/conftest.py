@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face models and a tiny tokenizer, built locally (no downloads)."""
+import math
 import os
 import sys
 
@@ -72,3 +73,53 @@ def tiny_qwen3(tmp_path):
     d = tmp_path / "qwen3"
     hf = make_hf_model(d, "qwen3")
     return str(d), hf
+
+
+MARKOV_CHAIN = {  # token -> {next token: probability}; anything else -> <|im_end|>
+    "assistant": {"<question>": 0.6, "\\boxed{7}": 0.25, "\\boxed{8}": 0.15},
+    "<question>": {"What": 1.0}, "What": {"is": 1.0}, "is": {"3": 0.5, "5": 0.5},
+    "3": {"+": 1.0}, "5": {"+": 1.0}, "+": {"4": 0.5, "6": 0.5}, "4": {"?": 1.0}, "6": {"?": 1.0},
+    "?": {"</question>": 1.0}, "</question>": {"\\boxed{7}": 0.5, "\\boxed{8}": 0.3, "\\boxed{9}": 0.2},
+}
+
+
+def make_markov_world(path):
+    """A Qwen3 checkpoint + tokenizer that is a hand-set bigram chain, for fast train.py tests.
+
+    One-hot embeddings (hidden size = vocab size), a block whose output projections are zero (so it starts
+    as the identity) and an lm_head holding log-probabilities: the next token depends on the current token
+    only. After the chat template's generation prompt it writes either `<question> What is 3 + 4 ?
+    </question> \\boxed{7}` (the numbers vary) or a bare `\\boxed{8}`, so Challenger rewards, majority votes
+    (p near 1/2) and the band filter all have something to work on, deterministically and in milliseconds.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
+    words += sorted({w for k, nxt in MARKOV_CHAIN.items() for w in [k, *nxt]} - set(words))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                unk_token="<unk>")
+    t.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                       "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    t.save_pretrained(path)
+    V = len(words)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=V, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False,
+                      rms_norm_eps=1e-6, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    logp = torch.full((V, V), -30.0)  # logp[current, next]
+    for cur in words:
+        for nxt, p in MARKOV_CHAIN.get(cur, {"<|im_end|>": 1.0}).items():
+            logp[vocab[cur], vocab[nxt]] = math.log(p)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(torch.eye(V))
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf.lm_head.weight.copy_(logp.T / math.sqrt(V))  # the final RMSNorm scales one-hots by sqrt(V)
+    hf.save_pretrained(path)
+    return str(path)
