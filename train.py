@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import torch
@@ -440,6 +441,10 @@ def solver_phase(run, it, prev_solver, records):
     run.export(model, f"iter{it}/solver")
 
 
+class NothingToTrain(Exception):
+    """Ends the run with one line: bad settings, or a dataset phase that kept no problem."""
+
+
 def dataset_phase(run, it, challenger_path, frozen_solver):
     """The frozen Challenger writes N problems; the frozen Solver labels them by majority vote and filters."""
     c, out = run.c, run.path(f"iter{it}", "dataset.jsonl")
@@ -463,7 +468,8 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
     run.log(row)
     print0(f"iter {it} dataset: kept {counts['kept']} of {counts['generated']} problems {counts}")
     if not records:
-        raise RuntimeError(f"iteration {it}: every generated problem was filtered out, nothing to train the Solver on")
+        raise NothingToTrain(f"iteration {it}: every generated problem was filtered out ({counts}), so there is "
+                             f"nothing to train the Solver on")
     if rank() == 0:
         with open(out + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -550,24 +556,42 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    t_start = time.time()
     try:
-        c = parse_config(argv)
-        base = resolve_model(c.model)
-        prepare_out_dir(c)
-        run = Run(c, base)
-    except (ValueError, FileNotFoundError) as e:
+        try:
+            c = parse_config(argv)
+            base = resolve_model(c.model)
+            prepare_out_dir(c)
+            run = Run(c, base)
+        except (ValueError, FileNotFoundError) as e:
+            raise NothingToTrain(e) from None  # a user's mistake: one line, not a traceback
+        rzero(run)
+    except NothingToTrain as e:
         print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+        code = 2
+    except BaseException:
+        if world() == 1:
+            raise
+        # a rank that dies must take the job down: exiting at once lets torchrun stop the ranks that wait in
+        # a collective, where a normal interpreter exit could hang on the process group
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
+    if world() > 1:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def rzero(run):
+    c, t_start = run.c, time.time()
     torch.manual_seed(c.seed)
-    print0(f"R-Zero: {c.iterations} iterations from {base} on {world()} x {run.device} -> {c.out_dir}")
+    print0(f"R-Zero: {c.iterations} iterations from {run.base} on {world()} x {run.device} -> {c.out_dir}")
     rows = []
-    ev = evaluate(run, "base", base)
+    ev = evaluate(run, "base", run.base)
     if ev:
         rows.append(("base", dict(greedy=ev["greedy"], mean_at_k=ev["mean_at_k"])))
-    chal_prev, solv_prev = base, base
+    chal_prev, solv_prev = run.base, run.base
     for it in range(1, c.iterations + 1):
         os.makedirs(run.path(f"iter{it}"), exist_ok=True)
         frozen_solver = run.frozen(solv_prev)
@@ -585,8 +609,6 @@ def main(argv=None):
         rows.append((f"iter {it}", row))
     summary(run, rows)
     print0(f"done in {time.time() - t_start:.0f}s; models and metrics in {c.out_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def iteration_row(run, it, records):
