@@ -302,5 +302,4 @@ class Transformer(nn.Module):
         os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters()) - (
-            self.lm_head.weight.numel() if self.config.tie_word_embeddings else 0)
+        return sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once

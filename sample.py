@@ -70,7 +70,12 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         probs = sorted_lp.softmax(-1)  # renormalised over the top-k survivors first, as transformers and vLLM do
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p; keeps the first
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(F.softmax(filtered, dim=-1), 1, generator=generator).squeeze(-1)
+    # inverse CDF: torch.multinomial on CPU is ~20x slower than a cumsum (57 vs 3 ms for 64 x 32k)
+    cdf = filtered.exp().cumsum(-1)  # (B, V), unnormalised
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    # right=True and u < total: a token of probability 0 (top-p/top-k cut) is never drawn
+    tok = torch.searchsorted(cdf, torch.minimum(u, total * (1 - 2**-23)), right=True).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -120,9 +125,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         for u, i in enumerate(uniq):
             idx[u, : len(prompts[i])] = torch.tensor(prompts[i], device=dev)
         tmp = model.new_cache(len(uniq), L)
-        logits = model(idx, cache=tmp, input_pos=torch.arange(L, device=dev).expand(len(uniq), L), kv_len=L)
+        h = model(idx, cache=tmp, input_pos=torch.arange(L, device=dev).expand(len(uniq), L), kv_len=L,
+                  return_hidden=True)  # (U, L, D)
         last = torch.tensor([len(prompts[i]) - 1 for i in uniq], device=dev)
-        first = logits[torch.arange(len(uniq), device=dev), last]  # (U, V) next-token logits of each prompt
+        first = model.lm_head(h[torch.arange(len(uniq), device=dev), last])  # (U, V): lm_head on last positions only
         src = torch.tensor([uniq.index(i) for i, _ in take], device=dev)
         dst = torch.as_tensor(rows, device=dev)
         cache.k[:, dst, :, :L] = tmp.k[:, src]  # the group's rows share the one prefill
@@ -170,7 +176,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         if next_job == len(jobs):
             if not live.any():
                 break
-            if live.sum() <= B // 2 and B > 1:  # compact: drop finished rows from the batch
+            if live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
                 keep = np.flatnonzero(live)
                 kt = torch.as_tensor(keep, device=dev)
                 cache.k, cache.v = cache.k[:, kt].contiguous(), cache.v[:, kt].contiguous()
