@@ -113,9 +113,14 @@ PRESETS = {
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb")  # may change between a run and its resume
 
 
+def _flag_error(message):
+    raise ValueError(message)
+
+
 def parse_config(argv=None) -> TrainConfig:
     """--preset NAME applies its overrides; every field of TrainConfig is a flag (--field-name)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.error = _flag_error  # main prints one line; argparse would print the whole usage screen first
     ap.add_argument("--preset", default="toy", help=f"one of: {', '.join(PRESETS)}")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -290,7 +295,8 @@ class Run:
             with open(self.path("metrics.jsonl")) as f:
                 rows = [line for line in f if key(json.loads(line)) != key(row)]
             with open(self.path("metrics.jsonl.tmp"), "w") as f:
-                f.writelines(rows + [json.dumps(row) + "\n"])
+                clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+                f.writelines(rows + [json.dumps(clean) + "\n"])
             os.replace(self.path("metrics.jsonl.tmp"), self.path("metrics.jsonl"))
 
 
@@ -358,7 +364,8 @@ def updates(run, model, opt, rollout):
                             rollout.old_logp[rows], None if rollout.ref_logp is None else rollout.ref_logp[rows])
         with run.autocast():
             stats.append(grpo.grpo_update(model, opt, part, run.grpo))
-    return {k: sum(s[k] for s in stats) / U for k in stats[0]} | {"skipped": sum(s["skipped"] for s in stats)}
+    good = [s for s in stats if not s["skipped"]] or stats  # a skipped update's stats are NaN
+    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {"skipped": sum(s["skipped"] for s in stats)}
 
 
 def histogram(ps, bins=10):
@@ -502,7 +509,9 @@ def prepare_out_dir(c: TrainConfig):
     """A new run folder gets config.json; an existing one must hold the same settings (then we resume)."""
     cfg_file = os.path.join(c.out_dir, "config.json")
     mine = {k: v for k, v in asdict(c).items() if k not in NOT_RESULT_FIELDS}
-    if os.path.isfile(cfg_file):
+    exists = os.path.isfile(cfg_file)
+    barrier()  # every rank looks before rank 0 writes, so all take the same branch (and reach the same barriers)
+    if exists:
         with open(cfg_file) as f:
             theirs = {k: v for k, v in json.load(f).items() if k not in NOT_RESULT_FIELDS}
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
@@ -517,6 +526,30 @@ def prepare_out_dir(c: TrainConfig):
         os.replace(cfg_file + ".tmp", cfg_file)
         open(os.path.join(c.out_dir, "metrics.jsonl"), "a").close()
     barrier()
+
+
+def check_model(path):
+    """A folder we cannot train fails here, before the run folder is touched: config.json and its model_type, every
+    weights file's header (safetensors checks it against the file size, so a truncated file fails), a tokenizer."""
+    from safetensors import safe_open
+
+    from model import ModelConfig
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model folder {path!r} has no config.json")
+    with open(os.path.join(path, "config.json")) as f:
+        ModelConfig.from_hf(json.load(f))
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
+    for file in files:
+        try:
+            with safe_open(os.path.join(path, file), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"model folder {path!r} has no tokenizer.json, tokenizer.model or vocab.json")
 
 
 def resolve_model(name):
@@ -560,6 +593,7 @@ def main(argv=None):
         try:
             c = parse_config(argv)
             base = resolve_model(c.model)
+            check_model(base)
             prepare_out_dir(c)
             run = Run(c, base)
         except (ValueError, FileNotFoundError) as e:
