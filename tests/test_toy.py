@@ -1,0 +1,177 @@
+"""The toy world: its checker against hand-worked cases, its corpus against the method's parsers, and a build at
+test size that loads like any Hugging Face checkpoint."""
+import os
+
+import pytest
+import torch
+
+import challenger
+import grader
+import solver
+import toy
+
+TINY = toy.ToyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, steps=3, batch_size=4, warmup=1)
+
+SOLVE = [  # problem -> ground truth (None: not a toy problem)
+    ("What is 47 + 38?", 85),
+    ("What is 52 + 379 * 4?", 1568),
+    ("what is 379*4+52 ?", 1568),
+    ("52+379*4", 1568),
+    ("What is 3 * 4 * 5?", 60),
+    ("What is 0 * 9 + 7?", 7),
+    ("What is 7?", 7),
+    ("What is 83 * 7 + 406 * 9?", 4235),
+    ("", None),
+    ("What is ?", None),
+    ("What is 4 / 2?", None),
+    ("What is 2 ** 3?", None),
+    ("What is (1 + 2) * 3?", None),
+    ("What is 4 - 2?", None),
+    ("What is 012 + 3?", None),
+    ("What is 1234567 + 1?", None),  # numbers are bounded so the checker is always fast
+    ("What is 1+1+1+1+1+1+1+1+1?", None),
+    ("What is 1e9 * 2?", None),
+    ("What is 12 + 34? Also 5 + 6?", None),
+    ("<question>What is 1 + 2?</question>", None),
+    ("x" * 10_000, None),
+]
+
+
+@pytest.mark.parametrize("problem,truth", SOLVE)
+def test_solve(problem, truth):
+    assert toy.solve(problem) == truth
+
+
+def test_solve_rejects_non_strings():
+    assert toy.solve(None) is None and toy.difficulty(None) is None and not toy.check_answer(None, "1")
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("85", True), (" 85 ", True), ("+85", True), ("85.0", True),
+    ("47+38=\\boxed{85}", True), ("\\boxed{84} no, \\boxed{85}", True), ("\\boxed{85} no, \\boxed{84}", False),
+    ("84", False), ("eighty-five", False), ("", False), ("\\boxed{", False), ("\\boxed{}", False),
+    ("85/1", False), ("8" * 40, False), (None, False),
+])
+def test_check_answer(answer, ok):
+    assert toy.check_answer("What is 47 + 38?", answer) is ok
+
+
+def test_worked_solutions_and_difficulty():
+    assert toy.worked_solution("What is 47 + 38?") == "47+38=85 \\boxed{85}"
+    assert toy.worked_solution("What is 52 + 379 * 4?") == (
+        "300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 0052+1516=1568 \\boxed{1568}")
+    assert toy.worked_solution("What is 4 * 307?") == "300*4=1200 7*4=28 1200+0028=1228 \\boxed{1228}"
+    assert toy.worked_solution("What is 7?") == "\\boxed{7}"
+    assert [toy.difficulty(p) for p in ["What is 7?", "What is 47 + 38?", "What is 47 * 6?",
+                                        "What is 52 + 47 * 6?", "What is 379 * 4?", "What is 512 + 379 * 4?",
+                                        "What is 47 * 6 + 83 * 7?", "What is 379 * 4 + 83 * 7?"]] == [
+        0, 1, 3, 4, 5, 6, 7, 9]
+    assert toy.difficulty("What is 4 / 2?") is None
+    for level in toy.LEVELS:  # every worked chain is right
+        import random
+        rng = random.Random(level)
+        for _ in range(50):
+            p = toy.sample_problem(level, rng)
+            assert toy.check_answer(p, toy.worked_solution(p))
+
+
+def test_heldout_problems():
+    probs = toy.heldout_problems(70, seed=3)
+    assert probs == toy.heldout_problems(70, seed=3) and probs != toy.heldout_problems(70, seed=4)
+    assert len(set(probs)) == 70 and all(toy.is_heldout(p) for p in probs)
+    assert sorted({toy.difficulty(p) for p in probs})[0] == 1 and max(toy.difficulty(p) for p in probs) >= 8
+    assert toy.is_heldout("What is 52+379*4?") == toy.is_heldout("What is 52 + 379 * 4?")
+
+
+@pytest.fixture(scope="module")
+def tiny_toy(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("toy") / "world")
+    stats = toy.build_toy(path, TINY, log_every=0)
+    return path, stats
+
+
+def test_build_loads_like_a_checkpoint(tiny_toy):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from model import Transformer
+
+    path, stats = tiny_toy
+    assert {"config.json", "model.safetensors", "tokenizer.json", "toy.json"} <= set(os.listdir(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.decode(tok.encode("12+345=\\boxed{357}")) == "12+345=\\boxed{357}"
+    assert tok.tokenize("2024") == ["2", "0", "2", "4"]  # digits are always split
+    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    assert AutoConfig.from_pretrained(path).model_type == "qwen3"
+    model = Transformer.from_pretrained(path)
+    assert model.config.vocab_size == len(tok) and model.config.tie_word_embeddings
+    assert model.num_params() == stats["params"]
+    logits = model(torch.tensor([challenger.challenger_prompt(tok)]))
+    assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+
+
+def test_build_is_deterministic(tiny_toy, tmp_path):
+    from safetensors.torch import load_file
+
+    path, _ = tiny_toy
+    toy.build_toy(str(tmp_path / "again"), TINY, log_every=0)
+    a, b = load_file(os.path.join(path, "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(path, "tokenizer.json")) as f, open(tmp_path / "again" / "tokenizer.json") as g:
+        assert f.read() == g.read()
+
+
+def test_corpus_documents_parse_with_the_method_parsers(tiny_toy):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy[0])
+    corpus = toy.Corpus(tok, TINY)
+    chal = challenger.challenger_prompt(tok)
+    for _ in range(40):
+        doc = corpus.document("challenger")
+        assert doc[:len(chal)] == chal and doc[-1] == tok.eos_token_id
+        q = challenger.parse_question(tok.decode(doc[len(chal):], skip_special_tokens=True))
+        assert toy.solve(q) is not None and not toy.is_heldout(q)
+        assert challenger.parse_challenger_answer(tok.decode(doc[len(chal):])) == str(toy.solve(q))
+    for _ in range(40):
+        doc = corpus.document("solver")
+        text = tok.decode(doc)
+        problem = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        prompt = solver.solver_prompt(tok, problem)
+        assert doc[:len(prompt)] == prompt and doc[-1] == tok.eos_token_id and not toy.is_heldout(problem)
+        answer = tok.decode(doc[len(prompt):], skip_special_tokens=True)
+        assert grader.is_equiv(grader.extract_boxed(answer), str(toy.solve(problem)))
+
+
+def test_cache_key_follows_prompts_and_settings(monkeypatch):
+    key = toy.cache_key(TINY)
+    assert toy.cache_key(TINY) == key and toy.cache_key(toy.ToyConfig(seed=1)) != toy.cache_key(toy.ToyConfig())
+    monkeypatch.setattr(solver, "SOLVER_SYSTEM", solver.SOLVER_SYSTEM + " ")
+    assert toy.cache_key(TINY) != key
+
+
+def test_toy_path_builds_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("RZERO_CACHE", str(tmp_path))
+    path = toy.toy_path(cfg=TINY)
+    assert path.startswith(str(tmp_path)) and os.path.isfile(os.path.join(path, "config.json"))
+    stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    assert toy.toy_path(cfg=TINY) == path and os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
+
+
+def test_heldout_accuracy_and_question_stats(tiny_toy):
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy[0])
+    model = Transformer.from_pretrained(tiny_toy[0]).eval()
+    probs = toy.heldout_problems(14)
+    res = toy.heldout_accuracy(model, tok, probs, k=2, max_new_tokens=4)
+    assert res["n"] == 14 and sum(r["n"] for r in res["by_difficulty"].values()) == 14
+    assert all(0.0 <= res[k] <= 1.0 for k in ("greedy", "mean_at_k", "maj_at_k"))
+    st = toy.question_stats(["What is 1 + 2?", "What is 1 + 2?", "What is 379 * 4?", None, "Prove it."])
+    assert st["valid"] == 0.6 and st["distinct"] == pytest.approx(2 / 3)
+    assert st["mean_difficulty"] == pytest.approx((1 + 1 + 5) / 3) and st["difficulty_hist"] == {1: 2, 5: 1}

@@ -1,0 +1,452 @@
+"""
+The toy world: a tiny tokenizer and a tiny Qwen3 base model that `python train.py` runs R-Zero on, on a CPU.
+
+R-Zero starts from a pretrained base model that can already write problems and reason step by step. Here that
+model is made in a few minutes: a 0.9M-parameter Qwen3 (hidden 128, 4 layers) pretrained with a plain
+next-token loss on synthetic arithmetic written in R-Zero's two formats, rendered through the chat template
+exactly as the method prompts the model:
+- Challenger documents: challenger_prompt + `<question>What is 379 * 4 + 52?</question>\\boxed{1568}` + EOS,
+- Solver documents: solver_prompt(problem) + a worked chain + EOS, e.g.
+  `300*4=1200 70*4=280 9*4=36 1200+280=1480 1480+36=1516 52+1516=1568 \\boxed{1568}`.
+Both are saved as an ordinary Hugging Face folder (tokenizer.json + chat template, config.json with
+model_type qwen3, model.safetensors), so the rest of the code loads it exactly like Qwen3-4B-Base.
+
+Why this world (see FINDINGS.md): R-Zero's Solver step can only sharpen a model toward its own majority vote,
+so the base Solver must gain from voting (maj@10 well above mean@4) and its majority must be mostly right.
+Long worked chains do that: each step is reliable but not perfect, so one slip at temperature 1 ruins a
+sample while the vote recovers the answer. Problems come in 7 levels (1 to 9 worked steps) so the base is
+sure on easy ones, unsure on middle ones and mostly lost on the hardest: a Challenger that learns to aim has
+somewhere to aim.
+
+The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) parses problems itself (never eval)
+and is for MEASUREMENT ONLY: held-out accuracy, pseudo-label accuracy, difficulty of generated questions. No
+training signal uses it. Held-out problems are disjoint from pretraining ones by a hash rule.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # PAD, turn start, EOS (Qwen's names)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# level -> (numbers of each product term, as (lo, hi) ranges); worked steps grow from 1 to 9
+LEVELS = {
+    1: [[(10, 99)], [(10, 99)]],                         # 47 + 38                 1 step
+    2: [[(10, 99), (2, 9)]],                             # 47 * 6                  3
+    3: [[(10, 99)], [(10, 99), (2, 9)]],                 # 52 + 47 * 6             4
+    4: [[(100, 999), (2, 9)]],                           # 379 * 4                 5
+    5: [[(100, 999)], [(100, 999), (2, 9)]],             # 512 + 379 * 4           6
+    6: [[(10, 99), (2, 9)], [(10, 99), (2, 9)]],         # 47 * 6 + 83 * 7         7
+    7: [[(100, 999), (2, 9)], [(10, 99), (2, 9)]],       # 379 * 4 + 83 * 7        9
+}
+
+
+@dataclass
+class ToyConfig:
+    seed: int = 0
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    steps: int = 1200               # pretraining optimizer steps
+    batch_size: int = 48            # documents per step
+    lr: float = 3e-3                # peak, linear warmup then cosine to lr / 10
+    warmup: int = 100
+    challenger_frac: float = 0.1    # share of Challenger documents
+    worksheet_frac: float = 0.0     # share of worksheets (plain text); the rest are Solver documents
+    worksheet_problems: int = 4
+    solver_levels: tuple = (1, 1, 1, 1, 1, 1, 1)      # sampling weight of each level in Solver documents
+    challenger_levels: tuple = (1, 1, 1, 1, 1, 1, 1)  # ... and in Challenger documents
+    heldout_mod: int = 8            # a problem is held out iff crc32(expression) % heldout_mod == 0
+
+
+# ---------------------------------------------------------------------------- problems and their checker
+
+def render(terms: list[list[int]]) -> str:
+    return "What is " + " + ".join(" * ".join(map(str, t)) for t in terms) + "?"
+
+
+def parse(problem: str) -> list[list[int]] | None:
+    """'What is 52 + 379 * 4?' (or a bare '52+379*4') -> [[52], [379, 4]]; None if not a toy problem."""
+    if not isinstance(problem, str) or len(problem) > 120:
+        return None
+    m = re.fullmatch(r"\s*(?:what is\s+)?([0-9+*\s]+?)\s*\??\s*", problem, flags=re.IGNORECASE)
+    if not m or not re.fullmatch(r"\d+(\s*[+*]\s*\d+)*", m.group(1)):
+        return None
+    terms = [[n.strip() for n in t.split("*")] for t in m.group(1).split("+")]
+    nums = [n for t in terms for n in t]
+    if len(nums) > 8 or any(len(n) > 6 or (n[0] == "0" and n != "0") for n in nums):
+        return None  # bounded by construction: the checker can never be slow
+    return [[int(n) for n in t] for t in terms]
+
+
+def _multiply(x: int, y: int) -> tuple[list[str], int]:
+    """x * y by place value of the longer factor: 379*4 -> 300*4=1200 70*4=280 9*4=36 1200+280=1480 ..."""
+    if len(str(y)) > len(str(x)):
+        x, y = y, x
+    s = str(x)
+    parts = [int(d) * 10 ** (len(s) - 1 - i) for i, d in enumerate(s) if d != "0"] or [0]
+    steps = [f"{p}*{y}={p * y}" for p in parts]
+    acc = parts[0] * y
+    for p in parts[1:]:
+        steps.append(_add(acc, p * y))
+        acc += p * y
+    return steps, acc
+
+
+def _add(a: int, b: int) -> str:
+    """'4500+0450=4950': the shorter addend gets leading zeros so its digits line up with the other's,
+    as in a column sum (unaligned sums are what a tiny model learns slowest)."""
+    w = max(len(str(a)), len(str(b)))
+    return f"{a:0{w}d}+{b:0{w}d}={a + b}"
+
+
+def worked_solution(problem: str) -> str | None:
+    """The canonical worked answer the Solver documents teach: one step per partial product or sum."""
+    terms = parse(problem)
+    if terms is None:
+        return None
+    steps, values = [], []
+    for t in terms:
+        acc = t[0]
+        for f in t[1:]:
+            s, acc = _multiply(acc, f)
+            steps += s
+        values.append(acc)
+    acc = values[0]
+    for v in values[1:]:
+        steps.append(_add(acc, v))
+        acc += v
+    return " ".join(steps + [f"\\boxed{{{acc}}}"])
+
+
+def solve(problem: str) -> int | None:
+    terms = parse(problem)
+    if terms is None:
+        return None
+    total = 0
+    for t in terms:
+        prod = 1
+        for f in t:
+            prod *= f
+        total += prod
+    return total
+
+
+def difficulty(problem: str) -> int | None:
+    """Number of worked steps of the canonical solution (1 for '47 + 38' .. 9 for '379 * 4 + 83 * 7')."""
+    w = worked_solution(problem)
+    return None if w is None else w.count("=")
+
+
+def _last_boxed(text: str) -> str | None:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    j = text.find("}", i)
+    return text[i + 7:j] if j >= 0 else None
+
+
+def check_answer(problem: str, answer_text: str) -> bool:
+    """Ground truth: is the answer (a bare number, or a response whose last \\boxed{} holds it) right?"""
+    truth = solve(problem)
+    if truth is None or not isinstance(answer_text, str):
+        return False
+    ans = _last_boxed(answer_text) if "\\boxed{" in answer_text else answer_text
+    ans = (ans or "").strip().replace(",", "").removesuffix(".0")
+    return re.fullmatch(r"[+-]?\d{1,12}", ans) is not None and int(ans) == truth
+
+
+def is_heldout(problem: str, mod: int = 8) -> bool:
+    terms = parse(problem)
+    return terms is not None and zlib.crc32(render(terms).encode()) % mod == 0
+
+
+def sample_problem(level: int, rng: random.Random) -> str:
+    return render([[rng.randint(lo, hi) for lo, hi in term] for term in LEVELS[level]])
+
+
+def heldout_problems(n: int = 512, seed: int = 1234, mod: int = 8) -> list[str]:
+    """n distinct held-out problems, an equal share from each level (measurement only)."""
+    rng, out, seen = random.Random(seed), [], set()
+    for i in range(n):
+        level = 1 + i % len(LEVELS)
+        while True:
+            p = sample_problem(level, rng)
+            if is_heldout(p, mod) and p not in seen:
+                break
+        seen.add(p)
+        out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------- tokenizer and corpus
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on the corpus, digits always split (so numbers are read digit by digit)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                additional_special_tokens=["<|im_start|>"])
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+def challenger_completion(problem: str) -> str:
+    return f"<question>{problem}</question>\\boxed{{{solve(problem)}}}"
+
+
+class Corpus:
+    """An endless stream of pretraining documents (token ids), none of them a held-out problem."""
+
+    def __init__(self, tokenizer, cfg: ToyConfig):
+        from challenger import challenger_prompt
+        from solver import solver_prompt
+
+        self.tok, self.cfg, self.rng = tokenizer, cfg, random.Random(cfg.seed)
+        self.solver_prompt = solver_prompt
+        self.challenger_ids = challenger_prompt(tokenizer)  # the same prompt for every Challenger document
+
+    def problem(self, weights) -> str:
+        while True:
+            p = sample_problem(self.rng.choices(list(LEVELS), weights)[0], self.rng)
+            if not is_heldout(p, self.cfg.heldout_mod):
+                return p
+
+    def document(self, kind: str) -> list[int]:
+        eos = [self.tok.eos_token_id]
+        if kind == "challenger":
+            p = self.problem(self.cfg.challenger_levels)
+            return self.challenger_ids + self.tok.encode(challenger_completion(p)) + eos
+        if kind == "solver":
+            p = self.problem(self.cfg.solver_levels)
+            return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
+        # a worksheet: plain text, no chat turns, several worked problems (the cheap way to learn the steps)
+        ps = [self.problem(self.cfg.solver_levels) for _ in range(self.cfg.worksheet_problems)]
+        return self.tok.encode("".join(f"{p} {worked_solution(p)}\n" for p in ps))
+
+    def kind(self) -> str:
+        r = self.rng.random()
+        return "challenger" if r < self.cfg.challenger_frac else (
+            "worksheet" if r < self.cfg.challenger_frac + self.cfg.worksheet_frac else "solver")
+
+    def batches(self, n: int, pool: int = 16):
+        """Endless right-padded (n, T) batches. Documents are drawn `pool` batches at a time and grouped by
+        length, so a batch holds documents of similar length and padding costs little."""
+        while True:
+            docs = sorted((self.document(self.kind()) for _ in range(n * pool)),
+                          key=len)
+            groups = [docs[i:i + n] for i in range(0, len(docs), n)]
+            self.rng.shuffle(groups)
+            for g in groups:
+                x = torch.full((n, len(g[-1])), self.tok.pad_token_id)  # (B, T)
+                for i, d in enumerate(g):
+                    x[i, :len(d)] = torch.tensor(d)
+                yield x
+
+
+def tokenizer_texts(cfg: ToyConfig, n: int = 4000) -> list[str]:
+    """Corpus text to train BPE on, cut at the special tokens (which must not take merges)."""
+    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
+    from solver import SOLVER_SYSTEM
+
+    rng, texts = random.Random(cfg.seed), []
+    for i in range(n):
+        p = sample_problem(rng.choice(list(LEVELS)), rng)
+        if rng.random() < cfg.challenger_frac:
+            texts += ["system\n" + CHALLENGER_SYSTEM, "\nuser\n" + CHALLENGER_USER, "\nassistant\n" + challenger_completion(p)]
+        else:
+            texts += ["system\n" + SOLVER_SYSTEM, "\nuser\n" + p, "\nassistant\n" + worked_solution(p)]
+    return texts
+
+
+# ---------------------------------------------------------------------------- the base model
+
+def new_model(cfg: ToyConfig, tokenizer):
+    from model import ModelConfig, Transformer
+
+    mc = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                     head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, tie_word_embeddings=True)
+    hf = {**mc.to_hf(), "max_position_embeddings": 1024, "eos_token_id": tokenizer.eos_token_id,
+          "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None}
+    model = Transformer(mc, hf)
+    for name, p in model.named_parameters():  # GPT-2 style init; norms stay at 1
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def pretrain(model, corpus: Corpus, cfg: ToyConfig, log_every: int = 100) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    pad, losses, t0, batches = corpus.tok.pad_token_id, [], time.time(), corpus.batches(cfg.batch_size)
+    model.train()
+    for step in range(cfg.steps):
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        cos = 0.5 * (1 + torch.cos(torch.tensor(step / max(1, cfg.steps) * torch.pi))).item()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * warm * (0.1 + 0.9 * cos)
+        x = next(batches)  # (B, T)
+        logits = model(x[:, :-1])  # (B, T-1, vocab)
+        y = x[:, 1:].masked_fill(x[:, 1:] == pad, -100)  # pads are no targets
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"pretrain step {step + 1}/{cfg.steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                  f"({time.time() - t0:.0f}s, cpu {time.process_time():.0f}s)", flush=True)
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------- building, caching, measuring
+
+def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) -> dict:
+    """Tokenizer + pretrained base model into out_dir (written atomically). Returns build stats."""
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(tokenizer_texts(cfg), cfg.vocab_size)
+    model = new_model(cfg, tokenizer)
+    losses = pretrain(model, Corpus(tokenizer, cfg), cfg, log_every)
+    stats = {"config": asdict(cfg), "params": model.num_params(), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+             "build_seconds": round(time.time() - t0, 1)}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "toy.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    if os.path.isdir(out_dir):
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return stats
+
+
+def cache_key(cfg: ToyConfig) -> str:
+    """Changes with the settings, the prompts and the document formats, so any of them rebuilds the world."""
+    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
+    from solver import SOLVER_SYSTEM
+
+    p = "What is 379 * 4 + 83 * 7?"
+    key = [asdict(cfg), CHALLENGER_SYSTEM, CHALLENGER_USER, SOLVER_SYSTEM, CHAT_TEMPLATE, str(LEVELS),
+           challenger_completion(p), worked_solution(p)]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
+    """The cached toy-world folder, built on first use (a few minutes on 2 cores)."""
+    root = os.environ.get("RZERO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rzero"))
+    path = os.path.join(root, f"toy-{cache_key(cfg)}")
+    if rebuild or not os.path.isfile(os.path.join(path, "toy.json")):
+        print(f"building the toy world into {path} (once, a few minutes) ...", flush=True)
+        build_toy(path, cfg)
+    return path
+
+
+def _answer(text: str | None) -> str | None:
+    b = _last_boxed(text or "")
+    return b.strip() if b and b.strip() else None
+
+
+def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperature: float = 1.0,
+                     max_new_tokens: int = 128, seed: int = 0) -> dict:
+    """Ground-truth accuracy of a Solver: greedy, mean@k and maj@k (sampled at `temperature`), overall and by
+    difficulty. One batched call per decoding mode over all problems."""
+    import sample
+    from solver import solver_prompt
+
+    prompts = [solver_prompt(tokenizer, p) for p in problems]
+    kw = dict(max_new_tokens=max_new_tokens, eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer)
+    greedy = sample.generate(model, prompts, n=1, temperature=0.0, **kw)
+    sampled = sample.generate(model, prompts, n=k, temperature=temperature, seed=seed, **kw)
+    rows = []
+    for p, g, s in zip(problems, greedy, sampled):
+        answers = [_answer(c.text) for c in s]
+        votes = [a for a in answers if a is not None]
+        maj = max(set(votes), key=votes.count) if votes else None  # ties: any of the tied answers
+        rows.append((difficulty(p), check_answer(p, g[0].text or ""),
+                     sum(check_answer(p, a or "") for a in answers) / k, check_answer(p, maj or "")))
+
+    def summary(rs):
+        n = max(1, len(rs))
+        return {"n": len(rs), "greedy": sum(r[1] for r in rs) / n, "mean_at_k": sum(r[2] for r in rs) / n,
+                "maj_at_k": sum(r[3] for r in rs) / n}
+
+    out = summary(rows)
+    out["by_difficulty"] = {d: summary([r for r in rows if r[0] == d]) for d in sorted({r[0] for r in rows})}
+    return out
+
+
+def question_stats(questions: list[str | None]) -> dict:
+    """What a Challenger writes: share that is a valid toy problem, their mean difficulty and histogram,
+    share of distinct questions."""
+    valid = [q for q in questions if q is not None and solve(q) is not None]
+    diffs = [difficulty(q) for q in valid]
+    hist = {d: diffs.count(d) for d in sorted(set(diffs))}
+    return {"n": len(questions), "valid": len(valid) / max(1, len(questions)),
+            "mean_difficulty": sum(diffs) / max(1, len(diffs)), "difficulty_hist": hist,
+            "distinct": len(set(valid)) / max(1, len(valid))}
+
+
+def main():
+    """Rebuild the toy world and measure its base model: the numbers the R-Zero run starts from."""
+    import argparse
+
+    import sample
+    from challenger import challenger_prompt, parse_question
+    from model import Transformer
+    from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--no-rebuild", action="store_true", help="measure the cached world instead of rebuilding it")
+    ap.add_argument("--problems", type=int, default=512)
+    ap.add_argument("--k", type=int, default=10)
+    a = ap.parse_args()
+    path = toy_path(rebuild=not a.no_rebuild)
+    with open(os.path.join(path, "toy.json")) as f:
+        print(f"{path}: {json.load(f)}")
+    tok, model = AutoTokenizer.from_pretrained(path), Transformer.from_pretrained(path).eval()
+    t0 = time.time()
+    res = heldout_accuracy(model, tok, heldout_problems(a.problems), k=a.k)
+    print(f"held-out Solver ({time.time() - t0:.0f}s): greedy / mean@{a.k} / maj@{a.k} (T=1)")
+    for d, r in [("all", res)] + list(res["by_difficulty"].items()):
+        print(f"  difficulty {d:>3}: n={r['n']:4d}  {r['greedy']:.3f} / {r['mean_at_k']:.3f} / {r['maj_at_k']:.3f}")
+    t0 = time.time()
+    outs = sample.generate(model, [challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
+                           eos_ids=sample.eos_ids_of(tok), tokenizer=tok, seed=0)
+    qs = [parse_question(c.text) for c in outs[0]]
+    st = question_stats(qs)
+    print(f"base Challenger ({time.time() - t0:.0f}s): parsable {sum(q is not None for q in qs) / len(qs):.3f}, "
+          f"valid {st['valid']:.3f}, distinct {st['distinct']:.3f}, mean difficulty {st['mean_difficulty']:.2f}, "
+          f"difficulty histogram {st['difficulty_hist']}")
+
+
+if __name__ == "__main__":
+    main()
