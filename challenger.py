@@ -279,8 +279,9 @@ def challenger_rewards(completion_texts: list[str], solver_model, tokenizer, cfg
 def write_problems(model, tokenizer, n: int, cfg: ChallengerConfig, seed=None) -> list[str | None]:
     """The frozen Challenger writes n problems for the Solver dataset (None where a completion has no
     parsable question); one batched sampling call from the one prompt."""
-    out = sample.generate(model, [challenger_prompt(tokenizer)], n=n, max_new_tokens=cfg.max_new_tokens,
+    # n copies of one prompt object, n=1 each: one seed per problem (so ranks can split the work), one prefill
+    out = sample.generate(model, [challenger_prompt(tokenizer)] * n, n=1, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.dataset_top_p,
                           eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer, seed=seed,
                           memory_budget=cfg.memory_budget, progress=cfg.progress)
-    return [parse_question(c.text) for c in out[0]]
+    return [parse_question(row[0].text) for row in out]

@@ -54,8 +54,8 @@ def eos_ids_of(tokenizer):
     return sorted(ids)
 
 
-def sample_next(logits, temperature, top_p, top_k, generator):
-    """logits (B, V) -> next tokens (B,) and their log-probs under logits / T (B,)."""
+def sample_next(logits, temperature, top_p, top_k, u):
+    """logits (B, V), uniforms u (B,) -> next tokens (B,) and their log-probs under logits / T (B,)."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -73,7 +73,7 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     # inverse CDF: torch.multinomial on CPU is ~20x slower than a cumsum (57 vs 3 ms for 64 x 32k)
     cdf = filtered.exp().cumsum(-1)  # (B, V), unnormalised
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=total.device) * total
+    u = u[:, None] * total
     # right=True and u < total: a token of probability 0 (top-p/top-k cut) is never drawn
     tok = torch.searchsorted(cdf, torch.minimum(u, total * (1 - 2**-23)), right=True).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
@@ -82,13 +82,16 @@ def sample_next(logits, temperature, top_p, top_k, generator):
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
              stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, progress=False):
-    """prompts: list of token-id lists. Returns [len(prompts)][n] Completions."""
+    """prompts: list of token-id lists; seed: an int (prompt i gets seed + i) or one seed per prompt.
+    Returns [len(prompts)][n] Completions."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the completions")
     dev = next(model.parameters()).device
-    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    if seed is None:
+        seed = int(torch.randint(2**31, ()))  # from the global RNG: torch.manual_seed still reproduces a run
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
     cfg = model.config
     max_len = max(map(len, prompts)) + max_new_tokens
     itemsize = model.embed_tokens.weight.element_size()
@@ -105,6 +108,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     n_gen = torch.zeros(B, dtype=torch.long, device=dev)
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
+    # Every job draws its uniforms from its own stream seeded by (prompt seed, sample index): the output does
+    # not depend on the batch it shared, the memory budget, or how prompts were split across ranks.
+    uniforms = torch.zeros(B, max_new_tokens, device=dev)
     next_logits = torch.zeros(B, cfg.vocab_size, device=dev)
     results = [[None] * n for _ in prompts]
     next_job = 0
@@ -120,6 +126,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         take = jobs[next_job: next_job + len(rows)]
         next_job += len(rows)
         uniq = sorted({i for i, _ in take})
+        first_of = {}  # identical prompt objects (e.g. [prompt] * n) share one prefill too
+        uniq = [first_of.setdefault(id(prompts[i]), i) for i in uniq if id(prompts[i]) not in first_of]
         L = max(len(prompts[i]) for i in uniq)
         idx = torch.zeros(len(uniq), L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
         for u, i in enumerate(uniq):
@@ -129,7 +137,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                   return_hidden=True)  # (U, L, D)
         last = torch.tensor([len(prompts[i]) - 1 for i in uniq], device=dev)
         first = model.lm_head(h[torch.arange(len(uniq), device=dev), last])  # (U, V): lm_head on last positions only
-        src = torch.tensor([uniq.index(i) for i, _ in take], device=dev)
+        src = torch.tensor([uniq.index(first_of[id(prompts[i])]) for i, _ in take], device=dev)
         dst = torch.as_tensor(rows, device=dev)
         cache.k[:, dst, :, :L] = tmp.k[:, src]  # the group's rows share the one prefill
         cache.v[:, dst, :, :L] = tmp.v[:, src]
@@ -137,6 +145,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         lens = np.array([len(prompts[i]) for i, _ in take])
         row_job[rows], row_pos[rows] = np.arange(next_job - len(rows), next_job), lens
         pos_t[dst], n_gen[dst] = torch.as_tensor(lens, device=dev), 0
+        uniforms[dst] = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
+            (seeds[i] * 1_000_003 + j) % 2**62)) for i, j in take]).to(dev)
 
     while True:
         free = np.flatnonzero(row_job < 0)
@@ -146,8 +156,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         live = row_job >= 0
         if not live.any():
             break
-        tok, lp = sample_next(next_logits, temperature, top_p, top_k, gen)  # (B,), (B,)
         rows_t = torch.arange(B, device=dev)
+        u = uniforms[rows_t, n_gen.clamp(max=max_new_tokens - 1)]  # (B,) this step's draw of each row
+        tok, lp = sample_next(next_logits, temperature, top_p, top_k, u)  # (B,), (B,)
         out_tok[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = tok
         out_lp[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = lp
         n_gen += 1
@@ -182,6 +193,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                 cache.k, cache.v = cache.k[:, kt].contiguous(), cache.v[:, kt].contiguous()
                 row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
                 pos_t, n_gen, out_tok, out_lp, tok = pos_t[kt], n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
+                uniforms = uniforms[kt]
                 live = np.ones(B, dtype=bool)
         if not live.any():
             continue  # every row finished this step: refill before the next forward

@@ -189,15 +189,31 @@ def gather(items):
     return [x for part in out for x in part]
 
 
-def distributed_vote(model, tokenizer, problems, m, cfg, none_is_answer=False, seed=None):
+def update_share(n, updates):
+    """Global indices of this rank's rollout prompts: each optimizer update's block of the batch is split
+    across ranks, so the u-th block of every rank's rollout makes up update u, as in one process."""
+    idx = []
+    for u in range(updates):
+        lo, size = u * n // updates, (u + 1) * n // updates - u * n // updates
+        idx += range(lo + rank() * size // world(), lo + (rank() + 1) * size // world())
+    return idx
+
+
+def share_seeds(seed, n):
+    """One sampling seed per item of this rank's share of n items, set by the item's global index: the samples
+    are the same whatever the number of ranks."""
+    return [seed + k for k in range(rank() * n // world(), (rank() + 1) * n // world())]
+
+
+def distributed_vote(model, tokenizer, problems, m, cfg, none_is_answer=False, seed=0):
     """solver.answer_and_vote over a batch-wide list of problems, each rank voting on its share."""
     votes = solver.answer_and_vote(model, tokenizer, my_share(problems), m, cfg, none_is_answer=none_is_answer,
-                                   seed=seed)
+                                   seed=share_seeds(seed, len(problems)))
     return gather(votes)
 
 
 def step_seed(c, it, phase, step):
-    return c.seed * 1_000_003 + it * 10_007 + phase * 1009 + step * 101 + rank()
+    return (((c.seed * 1000 + it) * 10 + phase) * 100_000 + step) * 1_000_000  # + item index < 1e6
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -383,18 +399,20 @@ def challenger_phase(run, it, prev_challenger, frozen_solver):
     prompt = challenger.challenger_prompt(run.tok)
     for step in range(load_state(run, model, opt, it, "challenger"), c.challenger_steps):
         t0 = time.time()
-        n_local = c.challenger_prompts // world()
-        outs = sample.generate(run.sampler(model), [prompt] * n_local, n=c.challenger_group,
+        mine = update_share(c.challenger_prompts, c.updates_per_step)
+        outs = sample.generate(run.sampler(model), [prompt] * len(mine), n=c.challenger_group,
                                max_new_tokens=c.challenger_max_new_tokens, temperature=c.temperature,
                                top_p=c.challenger_top_p, eos_ids=sample.eos_ids_of(run.tok), tokenizer=run.tok,
-                               seed=step_seed(c, it, 1, step), memory_budget=run.budget,
+                               seed=[step_seed(c, it, 1, step) + g for g in mine], memory_budget=run.budget,
                                progress=rank() == 0)
         comps = [x for row in outs for x in row]
         t1 = time.time()
-        texts = gather([x.text for x in comps])  # the penalty and the votes are batch-wide
+        G = c.challenger_group  # the penalty and the votes are batch-wide: gather, in global order
+        every = sorted(zip(gather(mine), gather([[x.text for x in row] for row in outs])))
+        texts = [t for _, row in every for t in row]
         rewards, stats = challenger.challenger_rewards(texts, frozen_solver, run.tok, run.chal,
                                                        seed=step_seed(c, it, 2, step), vote=distributed_vote)
-        local = my_share(list(range(len(texts))))
+        local = [g * G + j for g in mine for j in range(G)]
         t2 = time.time()
         rollout, zero = rollout_batch(run, [prompt] * len(comps), comps, [rewards[i] for i in local],
                                       c.challenger_group, model, ref)
@@ -424,11 +442,13 @@ def solver_phase(run, it, prev_solver, records):
     for step in range(load_state(run, model, opt, it, "solver"), c.solver_steps):
         t0 = time.time()
         picks = [records[order[(step * c.solver_problems + k) % len(order)]] for k in range(c.solver_problems)]
-        mine = my_share(picks)
+        mine = [picks[g] for g in update_share(c.solver_problems, c.updates_per_step)]
         prompts = [solver.solver_prompt(run.tok, r["problem"]) for r in mine]
         outs = sample.generate(run.sampler(model), prompts, n=c.solver_group, max_new_tokens=c.solver_max_new_tokens,
                                temperature=c.temperature, top_p=c.solver_top_p, eos_ids=sample.eos_ids_of(run.tok),
-                               tokenizer=run.tok, seed=step_seed(c, it, 3, step), memory_budget=run.budget,
+                               tokenizer=run.tok,
+                               seed=[step_seed(c, it, 3, step) + g for g in update_share(c.solver_problems, c.updates_per_step)],
+                               memory_budget=run.budget,
                                progress=rank() == 0)
         t1 = time.time()
         comps = [x for row in outs for x in row]
@@ -461,7 +481,7 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
     t0 = time.time()
     writer = run.frozen(challenger_path)
     mine = challenger.write_problems(writer, run.tok, len(my_share(range(c.n_problems))), run.chal,
-                                     seed=step_seed(c, it, 4, 0))
+                                     seed=share_seeds(step_seed(c, it, 4, 0), c.n_problems))
     problems = gather(mine)
     records, counts = solver.build_dataset(problems, frozen_solver, run.tok, run.vote, seed=step_seed(c, it, 5, 0),
                                            vote=distributed_vote)

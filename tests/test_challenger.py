@@ -284,9 +284,9 @@ def test_challenger_prompt_and_write_problems(monkeypatch):
     def fake_generate(model, prompts, n=1, **kw):
         calls.append((prompts, n, kw))
         texts = ["<question>Q1</question>\\boxed{1}", "garbage", "<question>Q3</question>"]
-        return [[sample.Completion([], [], "eos", texts[j % 3]) for j in range(n)]]
+        return [[sample.Completion([], [], "eos", texts[i % 3])] for i in range(len(prompts))]
 
     monkeypatch.setattr(sample, "generate", fake_generate)
     assert ch.write_problems(None, tok, 6, ChallengerConfig(), seed=3) == ["Q1", None, "Q3"] * 2
-    (prompts, n, kw), = calls
-    assert prompts == [ids] and n == 6 and kw["top_p"] == 0.95 and kw["temperature"] == 1.0 and kw["seed"] == 3
+    (prompts, n, kw), = calls  # one call: 6 copies of the one prompt, one sample each (a seed per problem)
+    assert prompts == [ids] * 6 and n == 1 and kw["top_p"] == 0.95 and kw["temperature"] == 1.0 and kw["seed"] == 3
