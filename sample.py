@@ -117,7 +117,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="sampling", leave=False)
+        bar = tqdm(total=len(jobs), desc="sampling", leave=False, disable=None)  # None: no bar when not a terminal
 
     def admit(rows):
         """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows`."""

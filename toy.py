@@ -2,25 +2,28 @@
 The toy world: a tiny tokenizer and a tiny Qwen3 base model that `python train.py` runs R-Zero on, on a CPU.
 
 R-Zero starts from a pretrained base model that can already write problems and reason step by step. Here that
-model is made in a few minutes: a 0.9M-parameter Qwen3 (hidden 128, 4 layers) pretrained with a plain
+model is made in about five minutes: a 0.8M-parameter Qwen3 (hidden 128, 4 layers) pretrained with a plain
 next-token loss on synthetic arithmetic written in R-Zero's two formats, rendered through the chat template
 exactly as the method prompts the model:
-- Challenger documents: challenger_prompt + `<question>What is 379 * 4 + 52?</question>\\boxed{1568}` + EOS,
+- Challenger documents: challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}` + EOS,
 - Solver documents: solver_prompt(problem) + a worked chain + EOS, e.g.
-  `300*4=1200 70*4=280 9*4=36 1200+280=1480 1480+36=1516 52+1516=1568 \\boxed{1568}`.
+  `300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`.
 Both are saved as an ordinary Hugging Face folder (tokenizer.json + chat template, config.json with
 model_type qwen3, model.safetensors), so the rest of the code loads it exactly like Qwen3-4B-Base.
 
 Why this world (see FINDINGS.md): R-Zero's Solver step can only sharpen a model toward its own majority vote,
-so the base Solver must gain from voting (maj@10 well above mean@4) and its majority must be mostly right.
+so the base Solver must gain from voting (maj@k well above mean@k) and its majority must be mostly right.
 Long worked chains do that: each step is reliable but not perfect, so one slip at temperature 1 ruins a
-sample while the vote recovers the answer. Problems come in 7 levels (1 to 9 worked steps) so the base is
-sure on easy ones, unsure on middle ones and mostly lost on the hardest: a Challenger that learns to aim has
-somewhere to aim.
+sample while the vote recovers the answer. Problems come in 4 levels (a 2- to 5-digit number times a digit,
+3 to 9 worked steps), so a Challenger that learns to aim has a range to aim in. Two choices were measured,
+not guessed: documents are packed into rows (batches grouped by length, so by level, learned several times
+slower), and the chains only copy nearby numbers (levels that added a number from the question at the end of
+a long chain stayed at 0% after 900 steps: a tiny model copies far back late).
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) parses problems itself (never eval)
 and is for MEASUREMENT ONLY: held-out accuracy, pseudo-label accuracy, difficulty of generated questions. No
-training signal uses it. Held-out problems are disjoint from pretraining ones by a hash rule.
+training signal uses it. Held-out problems are never pretraining documents (a hash rule); the Challenger may
+still write one, and the Solver may then train on it with its own pseudo-label, as the method allows.
 """
 import hashlib
 import json
@@ -39,22 +42,19 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# level -> (numbers of each product term, as (lo, hi) ranges); worked steps grow from 1 to 9
+# level -> the product terms of its problems as (lo, hi) ranges: a k-digit number times a digit, worked by place value
 LEVELS = {
-    1: [[(10, 99)], [(10, 99)]],                         # 47 + 38                 1 step
-    2: [[(10, 99), (2, 9)]],                             # 47 * 6                  3
-    3: [[(10, 99)], [(10, 99), (2, 9)]],                 # 52 + 47 * 6             4
-    4: [[(100, 999), (2, 9)]],                           # 379 * 4                 5
-    5: [[(100, 999)], [(100, 999), (2, 9)]],             # 512 + 379 * 4           6
-    6: [[(10, 99), (2, 9)], [(10, 99), (2, 9)]],         # 47 * 6 + 83 * 7         7
-    7: [[(100, 999), (2, 9)], [(10, 99), (2, 9)]],       # 379 * 4 + 83 * 7        9
+    1: [[(10, 99), (2, 9)]],         # 47 * 6       40*6=240 7*6=42 240+042=282                       3 steps
+    2: [[(100, 999), (2, 9)]],       # 379 * 4      300*4=1200 70*4=280 9*4=36 1200+0280=1480 ...     5
+    3: [[(1000, 9999), (2, 9)]],     # 5379 * 4                                                       7
+    4: [[(10000, 99999), (2, 9)]],   # 25379 * 4                                                      9
 }
+HELDOUT_MOD = 4  # a problem is held out iff crc32(its expression) % HELDOUT_MOD == 0
 
 
 @dataclass
 class ToyConfig:
     seed: int = 0
-    vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -62,16 +62,13 @@ class ToyConfig:
     num_key_value_heads: int = 2
     head_dim: int = 32
     rope_theta: float = 10000.0
-    steps: int = 1200               # pretraining optimizer steps
-    batch_size: int = 48            # documents per step
+    steps: int = 900                # pretraining optimizer steps
+    batch_size: int = 12            # rows of packed documents per step
+    seq_len: int = 256              # tokens per row
     lr: float = 3e-3                # peak, linear warmup then cosine to lr / 10
-    warmup: int = 100
-    challenger_frac: float = 0.1    # share of Challenger documents
-    worksheet_frac: float = 0.0     # share of worksheets (plain text); the rest are Solver documents
-    worksheet_problems: int = 4
-    solver_levels: tuple = (1, 1, 1, 1, 1, 1, 1)      # sampling weight of each level in Solver documents
-    challenger_levels: tuple = (1, 1, 1, 1, 1, 1, 1)  # ... and in Challenger documents
-    heldout_mod: int = 8            # a problem is held out iff crc32(expression) % heldout_mod == 0
+    warmup: int = 50
+    challenger_frac: float = 0.15   # share of Challenger documents; the rest are Solver documents
+    levels: tuple = (1, 1, 1, 1)    # sampling weight of each level
 
 
 # ---------------------------------------------------------------------------- problems and their checker
@@ -171,7 +168,7 @@ def check_answer(problem: str, answer_text: str) -> bool:
     return re.fullmatch(r"[+-]?\d{1,12}", ans) is not None and int(ans) == truth
 
 
-def is_heldout(problem: str, mod: int = 8) -> bool:
+def is_heldout(problem: str, mod: int = HELDOUT_MOD) -> bool:
     terms = parse(problem)
     return terms is not None and zlib.crc32(render(terms).encode()) % mod == 0
 
@@ -180,15 +177,17 @@ def sample_problem(level: int, rng: random.Random) -> str:
     return render([[rng.randint(lo, hi) for lo, hi in term] for term in LEVELS[level]])
 
 
-def heldout_problems(n: int = 512, seed: int = 1234, mod: int = 8) -> list[str]:
+def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> list[str]:
     """n distinct held-out problems, an equal share from each level (measurement only)."""
     rng, out, seen = random.Random(seed), [], set()
     for i in range(n):
-        level = 1 + i % len(LEVELS)
-        while True:
+        level = list(LEVELS)[i % len(LEVELS)]
+        for _ in range(100_000):
             p = sample_problem(level, rng)
             if is_heldout(p, mod) and p not in seen:
                 break
+        else:
+            raise ValueError(f"level {level} has too few held-out problems for n={n}")
         seen.add(p)
         out.append(p)
     return out
@@ -196,20 +195,28 @@ def heldout_problems(n: int = 512, seed: int = 1234, mod: int = 8) -> list[str]:
 
 # ---------------------------------------------------------------------------- tokenizer and corpus
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained on the corpus, digits always split (so numbers are read digit by digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer():
+    """One token per character, except the chat roles, the fixed prompt texts and the format tags, which are
+    single tokens. Digits read one by one is what makes arithmetic learnable for a tiny model, and one-token
+    prompts keep documents short (pretraining cost grows with their length). It is an ordinary tokenizer.json:
+    transformers, sample.py and train.py use it like any other."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
+    from solver import SOLVER_SYSTEM
+
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")  # "." matches any character but newline
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIAL_TOKENS])
+    words = ["system", "user", "assistant", SOLVER_SYSTEM, CHALLENGER_SYSTEM, CHALLENGER_USER, "<question>",
+             "</question>", "\\boxed{", "What is "]
+    tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                additional_special_tokens=["<|im_start|>"])
+                                unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
     t.chat_template = CHAT_TEMPLATE
     return t
 
@@ -229,57 +236,28 @@ class Corpus:
         self.solver_prompt = solver_prompt
         self.challenger_ids = challenger_prompt(tokenizer)  # the same prompt for every Challenger document
 
-    def problem(self, weights) -> str:
+    def problem(self) -> str:
         while True:
-            p = sample_problem(self.rng.choices(list(LEVELS), weights)[0], self.rng)
-            if not is_heldout(p, self.cfg.heldout_mod):
+            p = sample_problem(self.rng.choices(list(LEVELS), self.cfg.levels)[0], self.rng)
+            if not is_heldout(p):
                 return p
 
     def document(self, kind: str) -> list[int]:
-        eos = [self.tok.eos_token_id]
+        p, eos = self.problem(), [self.tok.eos_token_id]
         if kind == "challenger":
-            p = self.problem(self.cfg.challenger_levels)
             return self.challenger_ids + self.tok.encode(challenger_completion(p)) + eos
-        if kind == "solver":
-            p = self.problem(self.cfg.solver_levels)
-            return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
-        # a worksheet: plain text, no chat turns, several worked problems (the cheap way to learn the steps)
-        ps = [self.problem(self.cfg.solver_levels) for _ in range(self.cfg.worksheet_problems)]
-        return self.tok.encode("".join(f"{p} {worked_solution(p)}\n" for p in ps))
+        return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
 
-    def kind(self) -> str:
-        r = self.rng.random()
-        return "challenger" if r < self.cfg.challenger_frac else (
-            "worksheet" if r < self.cfg.challenger_frac + self.cfg.worksheet_frac else "solver")
-
-    def batches(self, n: int, pool: int = 16):
-        """Endless right-padded (n, T) batches. Documents are drawn `pool` batches at a time and grouped by
-        length, so a batch holds documents of similar length and padding costs little."""
+    def batches(self, rows: int, seq_len: int):
+        """Endless (rows, seq_len + 1) batches cut from one stream of documents (GPT-style packing): no padding,
+        and every batch mixes all levels. Batches grouped by length hold one level each and, measured, learn
+        several times slower per step."""
+        buf = []
         while True:
-            docs = sorted((self.document(self.kind()) for _ in range(n * pool)),
-                          key=len)
-            groups = [docs[i:i + n] for i in range(0, len(docs), n)]
-            self.rng.shuffle(groups)
-            for g in groups:
-                x = torch.full((n, len(g[-1])), self.tok.pad_token_id)  # (B, T)
-                for i, d in enumerate(g):
-                    x[i, :len(d)] = torch.tensor(d)
-                yield x
-
-
-def tokenizer_texts(cfg: ToyConfig, n: int = 4000) -> list[str]:
-    """Corpus text to train BPE on, cut at the special tokens (which must not take merges)."""
-    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
-    from solver import SOLVER_SYSTEM
-
-    rng, texts = random.Random(cfg.seed), []
-    for i in range(n):
-        p = sample_problem(rng.choice(list(LEVELS)), rng)
-        if rng.random() < cfg.challenger_frac:
-            texts += ["system\n" + CHALLENGER_SYSTEM, "\nuser\n" + CHALLENGER_USER, "\nassistant\n" + challenger_completion(p)]
-        else:
-            texts += ["system\n" + SOLVER_SYSTEM, "\nuser\n" + p, "\nassistant\n" + worked_solution(p)]
-    return texts
+            while len(buf) < rows * (seq_len + 1):
+                buf += self.document("challenger" if self.rng.random() < self.cfg.challenger_frac else "solver")
+            x, buf = buf[:rows * (seq_len + 1)], buf[rows * (seq_len + 1):]
+            yield torch.tensor(x).view(rows, seq_len + 1)
 
 
 # ---------------------------------------------------------------------------- the base model
@@ -301,18 +279,20 @@ def new_model(cfg: ToyConfig, tokenizer):
 
 
 def pretrain(model, corpus: Corpus, cfg: ToyConfig, log_every: int = 100) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    pad, losses, t0, batches = corpus.tok.pad_token_id, [], time.time(), corpus.batches(cfg.batch_size)
+    matrices = [p for p in model.parameters() if p.dim() == 2]  # no decay on norm gains: they set attention sharpness
+    gains = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": gains, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    losses, t0, batches = [], time.time(), corpus.batches(cfg.batch_size, cfg.seq_len)
     model.train()
     for step in range(cfg.steps):
         warm = min(1.0, (step + 1) / cfg.warmup)
         cos = 0.5 * (1 + torch.cos(torch.tensor(step / max(1, cfg.steps) * torch.pi))).item()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm * (0.1 + 0.9 * cos)
-        x = next(batches)  # (B, T)
-        logits = model(x[:, :-1])  # (B, T-1, vocab)
-        y = x[:, 1:].masked_fill(x[:, 1:] == pad, -100)  # pads are no targets
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        x = next(batches)  # (B, T+1)
+        logits = model(x[:, :-1])  # (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -331,7 +311,7 @@ def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) 
     """Tokenizer + pretrained base model into out_dir (written atomically). Returns build stats."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(tokenizer_texts(cfg), cfg.vocab_size)
+    tokenizer = build_tokenizer()
     model = new_model(cfg, tokenizer)
     losses = pretrain(model, Corpus(tokenizer, cfg), cfg, log_every)
     stats = {"config": asdict(cfg), "params": model.num_params(), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
@@ -376,7 +356,7 @@ def _answer(text: str | None) -> str | None:
 
 
 def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperature: float = 1.0,
-                     max_new_tokens: int = 128, seed: int = 0) -> dict:
+                     max_new_tokens: int = 192, seed: int = 0) -> dict:
     """Ground-truth accuracy of a Solver: greedy, mean@k and maj@k (sampled at `temperature`), overall and by
     difficulty. One batched call per decoding mode over all problems."""
     import sample

@@ -102,8 +102,8 @@ class TrainConfig:
 PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, lr=1e-6)
 PRESETS = {
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
-                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=96, n_problems=512,
-                solver_steps=15, solver_problems=32, solver_group=5, solver_max_new_tokens=96,
+                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=512,
+                solver_steps=15, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
                 updates_per_step=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
     "qwen3-8b-base": dict(PAPER, model="Qwen/Qwen3-8B-Base", out_dir="runs/qwen3-8b-base"),
@@ -225,6 +225,7 @@ class Run:
         from transformers import AutoTokenizer
 
         self.c, self.base = c, base
+        self.toy = os.path.isfile(os.path.join(base, "toy.json"))  # a toy world: its checker can measure the run
         cuda = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
         self.dtype = torch.float32 if c.dtype == "float32" or (c.dtype == "auto" and not cuda) else torch.bfloat16
@@ -487,7 +488,7 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
                                            vote=distributed_vote)
     row = dict(iteration=it, phase="dataset", **counts, p_hist=histogram([r["p"] for r in records]),
                seconds=time.time() - t0)
-    if c.model == "toy":
+    if run.toy:
         import toy
         row |= dict(questions=toy.question_stats(problems),
                     pseudo_label_acc=sum(toy.check_answer(r["problem"], r["pseudo_label"]) for r in records)
@@ -507,7 +508,7 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
 
 def evaluate(run, name, solver_path):
     """Toy world only: the Solver's held-out accuracy (the checker measures; it never trains anything)."""
-    if run.c.model != "toy" or run.c.eval_problems <= 0:
+    if not run.toy or run.c.eval_problems <= 0:
         return None
     import toy
 

@@ -10,8 +10,9 @@ import grader
 import solver
 import toy
 
+SMALL_STEPS = 300  # enough for a small world to write parsable questions and boxed answers
 TINY = toy.ToyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, steps=3, batch_size=4, warmup=1)
+                     num_key_value_heads=1, head_dim=16, steps=3, batch_size=4, seq_len=64, warmup=1)
 
 SOLVE = [  # problem -> ground truth (None: not a toy problem)
     ("What is 47 + 38?", 85),
@@ -80,7 +81,8 @@ def test_heldout_problems():
     probs = toy.heldout_problems(70, seed=3)
     assert probs == toy.heldout_problems(70, seed=3) and probs != toy.heldout_problems(70, seed=4)
     assert len(set(probs)) == 70 and all(toy.is_heldout(p) for p in probs)
-    assert sorted({toy.difficulty(p) for p in probs})[0] == 1 and max(toy.difficulty(p) for p in probs) >= 8
+    assert {toy.difficulty(p) for p in probs} >= {3, 5, 7, 9}  # every level (a zero digit skips a step)
+    assert len(toy.heldout_problems(512)) == 512  # the size train.py measures
     assert toy.is_heldout("What is 52+379*4?") == toy.is_heldout("What is 52 + 379 * 4?")
 
 
@@ -102,6 +104,8 @@ def test_build_loads_like_a_checkpoint(tiny_toy):
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert tok.decode(tok.encode("12+345=\\boxed{357}")) == "12+345=\\boxed{357}"
     assert tok.tokenize("2024") == ["2", "0", "2", "4"]  # digits are always split
+    pieces = tok.convert_ids_to_tokens(solver.solver_prompt(tok, "What is 47 * 6?"))
+    assert len(pieces) == 22 and solver.SOLVER_SYSTEM in pieces and "What is " in pieces  # fixed texts: 1 token
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
                                    tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
@@ -146,6 +150,20 @@ def test_corpus_documents_parse_with_the_method_parsers(tiny_toy):
         assert grader.is_equiv(grader.extract_boxed(answer), str(toy.solve(problem)))
 
 
+def test_batches_pack_the_document_stream(tiny_toy):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy[0])
+    stream, batches = toy.Corpus(tok, TINY), toy.Corpus(tok, TINY).batches(3, 50)
+    xs = [next(batches) for _ in range(3)]
+    docs = []  # the same documents drawn one by one: the batches are consecutive cuts of their concatenation
+    while len(docs) < 3 * 3 * 51:
+        docs += stream.document("challenger" if stream.rng.random() < TINY.challenger_frac else "solver")
+    assert all(x.shape == (3, 51) for x in xs)
+    assert torch.equal(torch.cat([x.flatten() for x in xs]), torch.tensor(docs[:3 * 3 * 51]))
+    assert tok.pad_token_id not in docs
+
+
 def test_cache_key_follows_prompts_and_settings(monkeypatch):
     key = toy.cache_key(TINY)
     assert toy.cache_key(TINY) == key and toy.cache_key(toy.ToyConfig(seed=1)) != toy.cache_key(toy.ToyConfig())
@@ -175,3 +193,32 @@ def test_heldout_accuracy_and_question_stats(tiny_toy):
     st = toy.question_stats(["What is 1 + 2?", "What is 1 + 2?", "What is 379 * 4?", None, "Prove it."])
     assert st["valid"] == 0.6 and st["distinct"] == pytest.approx(2 / 3)
     assert st["mean_difficulty"] == pytest.approx((1 + 1 + 5) / 3) and st["difficulty_hist"] == {1: 2, 5: 1}
+
+
+def test_a_two_step_toy_run(tmp_path):
+    """train.py on a toy world: one Challenger step and one Solver step, measured by the checker (held-out accuracy
+    before and after, pseudo-label accuracy, question stats) and printed in the summary table."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = toy.ToyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=32, steps=SMALL_STEPS, batch_size=8, seq_len=128, warmup=20)
+    world, out = str(tmp_path / "world"), str(tmp_path / "run")
+    toy.build_toy(world, cfg, log_every=0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--model", world, "--out-dir", out, "--iterations", "1",
+           "--challenger-steps", "1", "--solver-steps", "1", "--challenger-prompts", "4", "--m-answers", "4",
+           "--n-problems", "16", "--solver-problems", "4", "--eval-problems", "8", "--no-filter", "--micro-batch", "8"]
+    r = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(m["phase"], m.get("step")) for m in rows] == [("challenger", 0), ("dataset", None), ("solver", 0)]
+    ds = rows[1]
+    assert ds["kept"] > 0 and 0 <= ds["pseudo_label_acc"] <= 1 and ds["questions"]["valid"] > 0
+    for name in ["base_eval.json", "iter1/eval.json"]:
+        with open(os.path.join(out, name)) as f:
+            assert json.load(f)["n"] == 8
+    assert "pseudo acc" in r.stdout and "mean@4" in r.stdout
