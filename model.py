@@ -303,3 +303,26 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once
+
+
+def check_folder(path):
+    """One clear error for a folder we cannot load, raised before a run touches anything: config.json and its
+    model_type, every weights file's header (safetensors checks it against the file size, so a truncated file
+    fails), a tokenizer."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model folder {path!r} has no config.json")
+    with open(os.path.join(path, "config.json")) as f:
+        ModelConfig.from_hf(json.load(f))
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
+    for file in files:
+        try:
+            with safe_open(os.path.join(path, file), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"model folder {path!r} has no tokenizer.json, tokenizer.model or vocab.json")

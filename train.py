@@ -47,7 +47,7 @@ import challenger
 import grpo
 import sample
 import solver
-from model import Transformer
+from model import Transformer, check_folder
 
 
 @dataclass
@@ -549,30 +549,6 @@ def prepare_out_dir(c: TrainConfig):
     barrier()
 
 
-def check_model(path):
-    """A folder we cannot train fails here, before the run folder is touched: config.json and its model_type, every
-    weights file's header (safetensors checks it against the file size, so a truncated file fails), a tokenizer."""
-    from safetensors import safe_open
-
-    from model import ModelConfig
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model folder {path!r} has no config.json")
-    with open(os.path.join(path, "config.json")) as f:
-        ModelConfig.from_hf(json.load(f))
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
-    for file in files:
-        try:
-            with safe_open(os.path.join(path, file), framework="pt") as f:
-                f.keys()
-        except Exception as e:
-            raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise FileNotFoundError(f"model folder {path!r} has no tokenizer.json, tokenizer.model or vocab.json")
-
-
 def resolve_model(name):
     """A local folder, "toy", or a hub id fetched with huggingface_hub when the network allows."""
     if name == "toy":
@@ -614,7 +590,7 @@ def main(argv=None):
         try:
             c = parse_config(argv)
             base = resolve_model(c.model)
-            check_model(base)
+            check_folder(base)
             prepare_out_dir(c)
             run = Run(c, base)
         except (ValueError, FileNotFoundError) as e:
