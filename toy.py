@@ -11,7 +11,7 @@ exactly as the method prompts the model:
 Both are saved as an ordinary Hugging Face folder (tokenizer.json + chat template, config.json with
 model_type qwen3, model.safetensors), so the rest of the code loads it exactly like Qwen3-4B-Base.
 
-Why this world (see FINDINGS.md): R-Zero's Solver step can only sharpen a model toward its own majority vote,
+Why this world: R-Zero's Solver step can only sharpen a model toward its own majority vote,
 so the base Solver must gain from voting (maj@k well above mean@k) and its majority must be mostly right.
 Long worked chains do that: each step is reliable but not perfect, so one slip at temperature 1 ruins a
 sample while the vote recovers the answer. Problems come in 4 levels (a 2- to 5-digit number times a digit,
@@ -359,6 +359,7 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
                      max_new_tokens: int = 192, seed: int = 0) -> dict:
     """Ground-truth accuracy of a Solver: greedy, mean@k and maj@k (sampled at `temperature`), overall and by
     difficulty. One batched call per decoding mode over all problems."""
+    import grader
     import sample
     from solver import solver_prompt
 
@@ -369,8 +370,7 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
     rows = []
     for p, g, s in zip(problems, greedy, sampled):
         answers = [_answer(c.text) for c in s]
-        votes = [a for a in answers if a is not None]
-        maj = max(set(votes), key=votes.count) if votes else None  # ties: any of the tied answers
+        maj = grader.majority_vote(answers)[0]  # the method's vote: ties go to the answer seen first
         rows.append((difficulty(p), check_answer(p, g[0].text or ""),
                      sum(check_answer(p, a or "") for a in answers) / k, check_answer(p, maj or "")))
 
