@@ -15,10 +15,16 @@ Why this world: R-Zero's Solver step can only sharpen a model toward its own maj
 so the base Solver must gain from voting (maj@k well above mean@k) and its majority must be mostly right.
 Long worked chains do that: each step is reliable but not perfect, so one slip at temperature 1 ruins a
 sample while the vote recovers the answer. Problems come in 4 levels (a 2- to 5-digit number times a digit,
-3 to 9 worked steps), so a Challenger that learns to aim has a range to aim in. Two choices were measured,
-not guessed: documents are packed into rows (batches grouped by length, so by level, learned several times
-slower), and the chains only copy nearby numbers (levels that added a number from the question at the end of
-a long chain stayed at 0% after 900 steps: a tiny model copies far back late).
+3 to 9 worked steps), so a Challenger that learns to aim has a range to aim in. Solver documents cover the levels
+equally; Challenger documents are mostly easy ones (weights 8:4:2:1), as in real text, where easy exercises
+outnumber hard ones. So the base Challenger, like a real base model asked for a hard problem, mostly writes
+problems its Solver is sure of, and Challenger training has something to learn: aim where the Solver is unsure.
+It does; what that buys the Solver at this scale is measured in the README, as is an earlier world whose
+Challenger documents covered the levels like the Solver's (its base Challenger already wrote at the Solver's
+frontier, and the trained one drifted past the pretraining range). Two choices were measured, not guessed:
+documents are packed into rows (batches grouped by length, so by level, learned several times slower), and the
+chains only copy nearby numbers (levels that added a number from the question at the end of a long chain stayed
+at 0% after 900 steps: a tiny model copies far back late).
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) parses problems itself (never eval)
 and is for MEASUREMENT ONLY: held-out accuracy, pseudo-label accuracy, difficulty of generated questions. No
@@ -68,7 +74,8 @@ class ToyConfig:
     lr: float = 3e-3                # peak, linear warmup then cosine to lr / 10
     warmup: int = 50
     challenger_frac: float = 0.15   # share of Challenger documents; the rest are Solver documents
-    levels: tuple = (1, 1, 1, 1)    # sampling weight of each level
+    levels: tuple = (1, 1, 1, 1)    # sampling weight of each level in Solver documents
+    challenger_levels: tuple = (8, 4, 2, 1)  # ... and in Challenger documents: mostly easy (see the docstring)
 
 
 # ---------------------------------------------------------------------------- problems and their checker
@@ -236,14 +243,15 @@ class Corpus:
         self.solver_prompt = solver_prompt
         self.challenger_ids = challenger_prompt(tokenizer)  # the same prompt for every Challenger document
 
-    def problem(self) -> str:
+    def problem(self, weights: tuple) -> str:
         while True:
-            p = sample_problem(self.rng.choices(list(LEVELS), self.cfg.levels)[0], self.rng)
+            p = sample_problem(self.rng.choices(list(LEVELS), weights)[0], self.rng)
             if not is_heldout(p):
                 return p
 
     def document(self, kind: str) -> list[int]:
-        p, eos = self.problem(), [self.tok.eos_token_id]
+        eos = [self.tok.eos_token_id]
+        p = self.problem(self.cfg.challenger_levels if kind == "challenger" else self.cfg.levels)
         if kind == "challenger":
             return self.challenger_ids + self.tok.encode(challenger_completion(p)) + eos
         return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos

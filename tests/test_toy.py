@@ -164,6 +164,21 @@ def test_batches_pack_the_document_stream(tiny_toy):
     assert tok.pad_token_id not in docs
 
 
+def test_challenger_and_solver_documents_draw_levels_by_their_own_weights(tiny_toy):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_toy[0])
+    cfg = toy.ToyConfig(levels=(0, 0, 1, 1), challenger_levels=(1, 0, 0, 0))
+    corpus, chal = toy.Corpus(tok, cfg), challenger.challenger_prompt(tok)
+    questions = [challenger.parse_question(tok.decode(corpus.document("challenger")[len(chal):],
+                                                      skip_special_tokens=True)) for _ in range(30)]
+    assert {len(str(toy.parse(q)[0][0])) for q in questions} == {2}  # level 1 only: a 2-digit number times a digit
+    problems = [tok.decode(corpus.document("solver")).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+                for _ in range(60)]
+    digits = {len(str(toy.parse(p)[0][0])) for p in problems}
+    assert digits == {4, 5}  # levels 3 and 4 only
+
+
 def test_cache_key_follows_prompts_and_settings(monkeypatch):
     key = toy.cache_key(TINY)
     assert toy.cache_key(TINY) == key and toy.cache_key(toy.ToyConfig(seed=1)) != toy.cache_key(toy.ToyConfig())
