@@ -103,7 +103,7 @@ PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, lr=1e-6)
 PRESETS = {
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
                 challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=512,
-                solver_steps=15, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
+                solver_steps=10, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
                 updates_per_step=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
     "qwen3-8b-base": dict(PAPER, model="Qwen/Qwen3-8B-Base", out_dir="runs/qwen3-8b-base"),
