@@ -101,8 +101,10 @@ class TrainConfig:
 
 PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, lr=1e-6)
 PRESETS = {
+    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 336 : 10 x 32. With more
+    # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README).
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
-                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=512,
+                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=336,
                 solver_steps=10, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
                 updates_per_step=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
