@@ -1,0 +1,144 @@
+"""
+Where the code runs, shared by train.py and eval.py: the process group, this rank's share of a batch, the
+device and dtype, which model folder a name means, and files that are written whole or not at all.
+
+Nothing here is R-Zero. Under torchrun every rank runs the same program; `my_share` and `gather` are the two
+halves of "each rank does its slice, everyone gets the whole": `gather(f(my_share(xs))) == f(xs)` for any
+per-item f, in the same order, whatever the number of ranks.
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """Joins torchrun's process group when launched by torchrun (NCCL on GPU, gloo on CPU); else nothing."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*a):
+    if rank() == 0:
+        print(*a, flush=True)
+
+
+def share(n):
+    """The global indices of this rank's contiguous share of n items (equal shares when n % world == 0)."""
+    return range(rank() * n // world(), (rank() + 1) * n // world())
+
+
+def my_share(items):
+    return [items[i] for i in share(len(items))]
+
+
+def gather(items):
+    """Every rank's list concatenated in rank order: the inverse of my_share."""
+    if world() == 1:
+        return list(items)
+    out = [None] * world()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def device_and_dtype(device="auto", dtype="auto"):
+    """auto: this rank's GPU and bfloat16 when there is a GPU, else the CPU and float32."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    dt = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    return dev, dt
+
+
+def resolve_model(name):
+    """A local model folder for `name`: a folder, "toy" (the embedded toy world, built on first use by rank 0),
+    or a hub id fetched with huggingface_hub when the network allows."""
+    if name == "toy":
+        import toy
+        if rank() == 0:
+            toy.toy_path()
+        barrier()
+        return toy.toy_path()
+    if os.path.isdir(name):
+        return name
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {name!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as e:
+        raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the hub "
+                                f"({type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary path to write a file or a folder at; on success it replaces `path` in one rename, so
+    a crash (even SIGKILL) leaves the old `path` or the new one, never half of one."""
+    tmp = path.rstrip("/") + ".tmp"
+    if os.path.isdir(tmp):  # left by a crash
+        shutil.rmtree(tmp)
+    elif os.path.lexists(tmp):
+        os.remove(tmp)
+    if os.path.dirname(tmp):
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    yield tmp
+    if os.path.isdir(tmp) and os.path.isdir(path):
+        shutil.rmtree(path)  # a folder cannot be renamed over another: the one moment without either
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ------------------------------------------------------------------------------------------- a run folder
+
+def open_run_folder(out_dir, settings: dict, may_differ=()):
+    """A new run folder gets config.json (the settings) and an empty metrics.jsonl; an existing one must hold
+    the same settings, but for `may_differ`: then the run resumes there."""
+    cfg_file = os.path.join(out_dir, "config.json")
+    exists = os.path.isfile(cfg_file)
+    barrier()  # every rank looks before rank 0 writes, so all take the same branch (and reach the same barriers)
+    if exists:
+        with open(cfg_file) as f:
+            theirs = json.load(f)
+        diff = sorted(k for k in settings.keys() | theirs.keys()
+                      if k not in may_differ and settings.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"run folder {out_dir!r} holds a run with other settings ({', '.join(diff)}); "
+                             f"use another --out-dir")
+        return
+    if rank() == 0:
+        write_text(cfg_file, json.dumps(settings, indent=2))
+        open(os.path.join(out_dir, "metrics.jsonl"), "a").close()
+    barrier()
+
+
+def append_row(path, row: dict, key):
+    """Rank 0 appends a JSON row to a JSON Lines file, replacing any row with the same key(row) (one that a run
+    killed before its checkpoint left behind: the resumed step writes it again). NaN and inf become null."""
+    if rank() == 0:
+        with open(path) as f:
+            rows = [line for line in f if key(json.loads(line)) != key(row)]
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        write_text(path, "".join(rows + [json.dumps(clean) + "\n"]))
