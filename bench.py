@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from grpo import token_logprobs
-from model import Transformer
+from model import KVCache, Transformer
 from sample import generate
 
 SHAPES = {  # Qwen3 shapes; the 1.7B and 4B ones are the released checkpoints' (random weights here)
@@ -122,12 +122,13 @@ def machine_roofline(cfg, dtype):
 class Costs:
     """Useful FLOPs and minimal bytes of the workloads, from the model's shape."""
 
-    def __init__(self, c, itemsize):
+    def __init__(self, c, dtype):
+        itemsize = dtype.itemsize
         attn = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * 2  # q,k,v,o
         self.mm = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)  # weights in matmuls
         self.head = c.hidden_size * c.vocab_size
         self.attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim  # FLOPs per (query, key) pair
-        self.kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * itemsize  # cache bytes per token
+        self.kv = KVCache.row_bytes(c, 1, dtype)  # cache bytes per token
         self.weights = (self.mm + self.head) * itemsize
 
     def rollout(self, prompt_lens, gen_lens, n):
@@ -227,7 +228,7 @@ def bench_shape(cfg, shape, dtype):
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = Transformer.from_pretrained(tmp, dtype=dtype, device=cfg.device).eval()
-    costs = Costs(ours.config, torch.tensor([], dtype=dtype).element_size())
+    costs = Costs(ours.config, dtype)
     prompts, eos_ids, pad_id, ids, mask, seq_lens = make_inputs(cfg, ours.config.vocab_size)
     dec_prompt = (prompts[0] * cfg.prompt_len[1])[: cfg.prompt_len[1]]
     dec = replace(cfg, n=1, max_new_tokens=cfg.decode_tokens)

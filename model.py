@@ -126,6 +126,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @staticmethod
+    def row_bytes(cfg: ModelConfig, max_len: int, dtype) -> int:  # keys + values of one row of max_len slots
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+
+    def copy_rows(self, dst_rows, src: "KVCache", src_rows, length):  # src: a prefill cache, slots 0..length-1
+        self.k[:, dst_rows, :, :length] = src.k[:, src_rows, :, :length]  # (n_layer, len(dst_rows), n_kv, length, hd)
+        self.v[:, dst_rows, :, :length] = src.v[:, src_rows, :, :length]
+
+    def keep_rows(self, rows):
+        self.k, self.v = self.k[:, rows].contiguous(), self.v[:, rows].contiguous()  # (n_layer, len(rows), ...)
+
     def update(self, layer, k, v, input_pos, kv_len):
         # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd) views
         rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
@@ -254,37 +265,43 @@ class Transformer(nn.Module):
             name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
             dtype = getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
         device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(cfg, hf)
-        wanted = {cls.hf_name(k): k for k in model.state_dict()}
-        if cfg.tie_word_embeddings:
-            wanted.pop("lm_head.weight", None)
-        sd, extra = {}, []
+        sd = {}
         for file in files:
             try:
                 with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
                     for key in f.keys():
-                        if key in wanted:
-                            sd[wanted[key]] = f.get_tensor(key).to(dtype)
-                        elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
-                            extra.append(key)
+                        if not (cfg.tie_word_embeddings and key == "lm_head.weight"):  # tied: never read twice
+                            sd[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
             except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
                 raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
-        missing = sorted(set(wanted.values()) - set(sd))
-        if missing or extra:
-            raise ValueError(f"checkpoint {path!r} does not match a {cfg.model_type} model: "
-                             f"missing {[cls.hf_name(m) for m in missing][:5]}, unexpected {extra[:5]}")
-        if cfg.tie_word_embeddings:
+        try:
+            return cls.from_state_dict(cfg, sd, hf, dtype, device)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path!r}: {e}") from None
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict, hf_config=None, dtype=None, device=None):
+        """A model holding state_dict's tensors (lm_head.weight optional when tied), cast to dtype / moved to device
+        when given. Built on the meta device: no random init; a tensor needing no cast or move is used, not copied."""
+        with torch.device("meta"):
+            model = cls(cfg, hf_config)
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+        if cfg.tie_word_embeddings and "embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        names = model.state_dict().keys()
+        missing, extra = [sorted(map(cls.hf_name, ks))[:5] for ks in (names - sd.keys(), sd.keys() - names)]
+        if missing or extra:
+            raise ValueError(f"weights do not match a {cfg.model_type} model: missing {missing}, unexpected {extra}")
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
             model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(cfg, device)
+        model.inv_freq = rope_inv_freq(cfg, model.embed_tokens.weight.device)
         return model
 
     def save_pretrained(self, path, state_dict=None):
         """Writes config.json + model.safetensors that transformers loads. state_dict: a full (gathered) one,
-        e.g. from an FSDP-sharded model; default this module's own. Each file is written atomically."""
+        e.g. from an FSDP-sharded model; default this module's own. Not atomic: callers write a fresh temporary
+        folder and rename it."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -295,11 +312,9 @@ class Transformer(nn.Module):
         hf = dict(self.hf_config) or self.config.to_hf()
         hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
         hf.pop("torch_dtype", None)
-        save_file(tensors, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
-        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once

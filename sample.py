@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import KVCache, Transformer
+
 
 @dataclass
 class Completion:
@@ -94,17 +96,14 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
     cfg = model.config
     max_len = max(map(len, prompts)) + max_new_tokens
-    itemsize = model.embed_tokens.weight.element_size()
-    row_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * itemsize
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]  # the queue, served in order
-    B = max(1, min(len(jobs), memory_budget // row_bytes))
+    B = max(1, min(len(jobs), memory_budget // KVCache.row_bytes(cfg, max_len, model.embed_tokens.weight.dtype)))
     cache = model.new_cache(B, max_len)
     eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
 
     row_job = np.full(B, -1)  # job index held by each row, -1 = free
     row_pos = np.zeros(B, dtype=np.int64)  # position (= cache slot) of the next token each row feeds in
-    pos_t = torch.zeros(B, dtype=torch.long, device=dev)
     n_gen = torch.zeros(B, dtype=torch.long, device=dev)
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
@@ -139,12 +138,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         first = model.lm_head(h[torch.arange(len(uniq), device=dev), last])  # (U, V): lm_head on last positions only
         src = torch.tensor([uniq.index(first_of[id(prompts[i])]) for i, _ in take], device=dev)
         dst = torch.as_tensor(rows, device=dev)
-        cache.k[:, dst, :, :L] = tmp.k[:, src]  # the group's rows share the one prefill
-        cache.v[:, dst, :, :L] = tmp.v[:, src]
+        cache.copy_rows(dst, tmp, src, L)  # the group's rows share the one prefill
         next_logits[dst] = first[src].float()
         lens = np.array([len(prompts[i]) for i, _ in take])
         row_job[rows], row_pos[rows] = np.arange(next_job - len(rows), next_job), lens
-        pos_t[dst], n_gen[dst] = torch.as_tensor(lens, device=dev), 0
+        n_gen[dst] = 0
         uniforms[dst] = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(
             (seeds[i] * 1_000_003 + j) % 2**62)) for i, j in take]).to(dev)
 
@@ -190,18 +188,18 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             if live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
                 keep = np.flatnonzero(live)
                 kt = torch.as_tensor(keep, device=dev)
-                cache.k, cache.v = cache.k[:, kt].contiguous(), cache.v[:, kt].contiguous()
+                cache.keep_rows(kt)
                 row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
-                pos_t, n_gen, out_tok, out_lp, tok = pos_t[kt], n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
+                n_gen, out_tok, out_lp, tok = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
                 uniforms = uniforms[kt]
                 live = np.ones(B, dtype=bool)
         if not live.any():
             continue  # every row finished this step: refill before the next forward
         kv_len = int(row_pos[live].max()) + 1
-        logits = model(tok[:, None], cache=cache, input_pos=pos_t[:, None], kv_len=kv_len)  # (B, 1, V)
+        pos = torch.as_tensor(row_pos[:, None], device=dev)  # (B, 1)
+        logits = model(tok[:, None], cache=cache, input_pos=pos, kv_len=kv_len)  # (B, 1, V)
         next_logits = logits[:, -1].float()
         row_pos += live  # free rows stay put; their writes land in slots nobody reads
-        pos_t += torch.as_tensor(live, device=dev)
     if bar:
         bar.close()
     return results
@@ -223,7 +221,6 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args(argv)
     from transformers import AutoTokenizer
-    from model import Transformer
 
     try:
         if a.n < 1 or a.max_new_tokens < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model
-from model import ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer
 
 T = 130  # > 2 x original_max_position_embeddings (64 in conftest): llama3's frequency scaling is exercised
 TOL = 1e-4
@@ -137,7 +137,27 @@ def test_round_trip_through_transformers(ckpt, tmp_path):
         assert again.lm_head.weight.data_ptr() == again.embed_tokens.weight.data_ptr()
     else:
         assert again.lm_head.weight.data_ptr() != again.embed_tokens.weight.data_ptr()
-    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_from_state_dict_equals_source(ckpt):
+    """The plain copy train.py makes of a sharded model: same logits, tied again, with or without lm_head.weight."""
+    path, hf, idx, ref = ckpt
+    model = Transformer.from_pretrained(path)
+    sd = model.state_dict()
+    copies = [Transformer.from_state_dict(model.config, sd, model.hf_config),
+              Transformer.from_state_dict(model.config, sd, model.hf_config, dtype=torch.float32, device="cpu")]
+    if model.config.tie_word_embeddings:
+        untied_sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        copies.append(Transformer.from_state_dict(model.config, untied_sd, model.hf_config))
+    for copy in copies:
+        assert torch.equal(logits_of(copy, idx), logits_of(model, idx))
+        assert copy.hf_config == model.hf_config and copy.inv_freq.device.type == "cpu"
+        assert (copy.lm_head.weight is copy.embed_tokens.weight) == model.config.tie_word_embeddings
+    bf16 = Transformer.from_state_dict(model.config, sd, dtype=torch.bfloat16)
+    assert torch.equal(logits_of(bf16, idx), logits_of(Transformer.from_pretrained(path, dtype=torch.bfloat16), idx))
+    del sd["norm.weight"]
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\], unexpected \[\]"):
+        Transformer.from_state_dict(model.config, sd)
 
 
 def test_tied_loaded_model_stays_tied_when_trained(tmp_path):
@@ -327,3 +347,24 @@ def test_cache_buffers_have_static_shape(cached_model):
     cfg = cached_model.config
     shape = (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 17, cfg.head_dim)
     assert cache.k.shape == shape and cache.v.shape == shape and cache.k.dtype == torch.float32
+
+
+def test_cache_row_bytes_copy_rows_keep_rows():
+    cfg = ModelConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        one = KVCache(cfg, 1, 5, dtype, "cpu")
+        assert KVCache.row_bytes(cfg, 5, dtype) == (one.k.numel() + one.v.numel()) * one.k.element_size()
+        assert KVCache.row_bytes(cfg, 5, dtype) == 2 * 2 * 1 * 2 * 5 * dtype.itemsize
+    cache, src = KVCache(cfg, 3, 4, torch.float32, "cpu"), KVCache(cfg, 2, 2, torch.float32, "cpu")
+    src.k.copy_(torch.arange(16.0).view(2, 2, 1, 2, 2))  # (n_layer, B, n_kv, max_len, hd)
+    src.v.copy_(-src.k)
+    cache.copy_rows(torch.tensor([2, 0]), src, torch.tensor([0, 0]), 2)  # prompt 0's prefill into rows 2 and 0
+    cache.copy_rows(torch.tensor([1]), src, torch.tensor([1]), 1)  # only slot 0 of prompt 1
+    want = torch.zeros(2, 3, 1, 4, 2)
+    want[:, 0, :, :2] = want[:, 2, :, :2] = src.k[:, 0]
+    want[:, 1, :, :1] = src.k[:, 1, :, :1]
+    assert torch.equal(cache.k, want) and torch.equal(cache.v, -want)
+    assert cache.k[1, 2, 0, 1].tolist() == [10.0, 11.0] and cache.k[0, 1, 0, 0].tolist() == [4.0, 5.0]
+    cache.keep_rows(torch.tensor([2, 1]))
+    assert cache.k.shape == (2, 2, 1, 4, 2) and cache.k.is_contiguous() and cache.v.is_contiguous()
+    assert torch.equal(cache.k, want[:, [2, 1]]) and torch.equal(cache.v, -want[:, [2, 1]])

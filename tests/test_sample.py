@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_hf_model, make_tokenizer
-from model import Transformer
+from model import KVCache, Transformer
 from sample import Completion, chat_prompt, eos_ids_of, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,8 +290,7 @@ def test_bad_requests_raise_value_error(models):
 
 
 def row_bytes(model, max_len):
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * 4  # k and v, float32
+    return KVCache.row_bytes(model.config, max_len, torch.float32)  # tests/test_model.py checks it by hand
 
 
 @pytest.mark.parametrize("rows", [1, 3])
