@@ -2,8 +2,8 @@
 The Challenger side of R-Zero: its prompt, the parsing of its questions, and its reward (Sec. 3.2).
 
 For a batch of B Challenger completions x_1..x_B (all from the same prompt; the caller gathers them across
-ranks first, because the repetition penalty is a batch-level quantity):
-    p_i     = fraction of the frozen Solver's m = 10 answers equivalent to their majority (solver.answer_and_vote)
+ranks first, because the repetition penalty is a batch-level quantity) and the frozen Solver's votes on them:
+    p_i     = fraction of the Solver's m = 10 answers equivalent to their majority (solver.Vote, given by the caller)
     r_unc   = 1 - 2 |p_i - 1/2|                           1 when the Solver is split evenly, 0 when unanimous
     d_ij    = 1 - BLEU(x_i, x_j)                          BLEU-4 on whitespace tokens, NLTK smoothing method 1
     C(x_i)  = x_i's cluster under average-linkage agglomerative clustering of d, cut at distance 0.5
@@ -22,8 +22,8 @@ Choices where the paper is silent (the authors' code was read for each):
   the code (where their empty question formed a singleton cluster).
 
 `reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale,
-no clip at 0), -1 for a bad format (the code's -1 - 1/B: its empty question's singleton penalty is dropped), and
-a missing \\boxed{} answer counts as the answer string "None". Its known fault (scoring only when the Solver's
+no clip at 0), -1 for a bad format (the code's -1 - 1/B: its empty question's singleton penalty is dropped); with
+solver.SolverConfig.band="code" a missing \\boxed{} answer votes as the string "None". Its known fault (scoring only when the Solver's
 majority equals the last character of the Challenger's own answer) is not reproduced; the Challenger's own
 answer is parsed for analysis only.
 """
@@ -35,7 +35,6 @@ import numpy as np
 
 import grader
 import sample
-import solver
 
 CHALLENGER_SYSTEM = (
     "You are an expert designer of mathematics problems. Write exactly one new, challenging math problem. "
@@ -58,25 +57,10 @@ def challenger_prompt(tokenizer) -> list[int]:
 
 @dataclass
 class ChallengerConfig:
-    # GRPO rollouts of the Challenger
-    group_size: int = 4  # G completions per prompt
-    temperature: float = 1.0
-    top_p: float = 0.99
-    max_new_tokens: int = 4096
-    memory_budget: int = 2**30  # KV-cache bytes per sampling call (sample.generate)
-    progress: bool = False  # tqdm bars while sampling
-    dataset_top_p: float = 0.95  # when the frozen Challenger writes the N problems of the Solver dataset
-    # reward
-    reward_variant: str = "paper"  # "paper" | "code"
-    use_repetition_penalty: bool = True  # False = the paper's "without repetition penalty" ablation
-    lam: float = 1.0  # lambda
-    cut: float = 0.5  # clustering cut on the BLEU distance
-    # the frozen Solver that scores each question (see solver.SolverConfig for why top-k 0)
-    m: int = 10
-    solver_temperature: float = 1.0
-    solver_top_p: float = 1.0
-    solver_top_k: int = 0
-    solver_max_new_tokens: int = 4096
+    reward_variant: str = "paper"  # "paper" max(0, r_unc - r_rep) | "code" min(p, 1 - p) - r_rep, -1 for a bad format
+    repetition_penalty: bool = True  # False = the paper's "without repetition penalty" ablation
+    penalty_weight: float = 1.0  # lambda
+    cluster_cut: float = 0.5  # average-linkage clusters are cut at this BLEU distance
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -241,30 +225,24 @@ def repetition_penalty(questions: list[str], lam: float = 1.0, cut: float = 0.5,
 
 # ----------------------------------------------------------------------------- the reward
 
-def challenger_rewards(completion_texts: list[str], solver_model, tokenizer, cfg: ChallengerConfig,
-                       seed=None, vote=None) -> tuple[list[float], list[dict]]:
-    """Rewards of a whole batch of B Challenger completions (all ranks' rollouts gathered), and per-question
-    stats: question, valid_format, p, majority, cluster_size, r_unc (the uncertainty term used), r_rep,
-    challenger_answer (analysis only). vote: a drop-in for solver.answer_and_vote (e.g. split across ranks)."""
+def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig) -> tuple[list[float], list[dict]]:
+    """Rewards of a whole batch of B Challenger completions (every rank's, gathered): questions[i] is
+    parse_question of completion i (None: bad format), votes[i] the frozen Solver's vote on it (solver.Vote:
+    .majority, .p; None where the question is None). Also per-question stats: question, valid_format, p,
+    majority, cluster_size, r_unc (the uncertainty term used), r_rep."""
     if cfg.reward_variant not in ("paper", "code"):
         raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
     code = cfg.reward_variant == "code"
-    B = len(completion_texts)
-    questions = [parse_question(t) for t in completion_texts]
+    B = len(questions)
     valid = [i for i, q in enumerate(questions) if q is not None]  # bad formats are neither scored nor clustered
     valid_q = [questions[i] for i in valid]
-    scfg = solver.SolverConfig(m=cfg.m, temperature=cfg.solver_temperature, top_p=cfg.solver_top_p,
-                               top_k=cfg.solver_top_k, max_new_tokens=cfg.solver_max_new_tokens,
-                               memory_budget=cfg.memory_budget, progress=cfg.progress)
-    votes = (vote or solver.answer_and_vote)(solver_model, tokenizer, valid_q, cfg.m, scfg, none_is_answer=code,
-                                             seed=seed)
-    sizes = cluster_sizes(valid_q, cfg.cut, symmetric=not code) if cfg.use_repetition_penalty else [0] * len(valid)
+    sizes = cluster_sizes(valid_q, cfg.cluster_cut, symmetric=not code) if cfg.repetition_penalty else [0] * len(valid)
 
     rewards = [-1.0 if code else 0.0] * B
-    stats = [dict(question=None, valid_format=False, p=None, majority=None, cluster_size=0, r_unc=0.0, r_rep=0.0,
-                  challenger_answer=parse_challenger_answer(t)) for t in completion_texts]
-    for i, v, size in zip(valid, votes, sizes):
-        r_rep = cfg.lam * size / B
+    stats = [dict(question=None, valid_format=False, p=None, majority=None, cluster_size=0, r_unc=0.0, r_rep=0.0)
+             for _ in questions]
+    for i, size in zip(valid, sizes):
+        v, r_rep = votes[i], cfg.penalty_weight * size / B
         if code:
             r_unc = min(v.p, 1.0 - v.p)
             rewards[i] = r_unc - r_rep
@@ -274,14 +252,3 @@ def challenger_rewards(completion_texts: list[str], solver_model, tokenizer, cfg
         stats[i].update(question=questions[i], valid_format=True, p=v.p, majority=v.majority, cluster_size=size,
                         r_unc=r_unc, r_rep=r_rep)
     return rewards, stats
-
-
-def write_problems(model, tokenizer, n: int, cfg: ChallengerConfig, seed=None) -> list[str | None]:
-    """The frozen Challenger writes n problems for the Solver dataset (None where a completion has no
-    parsable question); one batched sampling call from the one prompt."""
-    # n copies of one prompt object, n=1 each: one seed per problem (so ranks can split the work), one prefill
-    out = sample.generate(model, [challenger_prompt(tokenizer)] * n, n=1, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.dataset_top_p,
-                          eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer, seed=seed,
-                          memory_budget=cfg.memory_budget, progress=cfg.progress)
-    return [parse_question(row[0].text) for row in out]

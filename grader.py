@@ -1,8 +1,8 @@
 r"""Answer grader: pull the final answer out of a response and decide whether two answers are equivalent.
 
-R-Zero uses it three times: the Challenger's uncertainty reward and the Solver's pseudo-labels come from
-`majority_vote` over m sampled answers, the Solver's reward is `is_equiv(boxed, pseudo_label)`, and
-evaluation checks `is_equiv(boxed, reference)`.
+R-Zero uses it three times: the Challenger's uncertainty reward and the Solver's pseudo-labels come from a
+majority vote by `is_equiv` over m sampled answers (solver.majority_vote), the Solver's reward is
+`is_equiv(boxed, pseudo_label)`, and evaluation checks `is_equiv(boxed, reference)`.
 
 How `is_equiv` decides:
   1. Normalise both: LaTeX spacing and sizing (\left \right \, \!), $ wrappers, \text{} \mathrm{} \mbox{},
@@ -24,7 +24,6 @@ and no eval/exec. Raw answers over MAX_INPUT characters are only compared as str
 normalised answers over MAX_LEN are not parsed; the evaluator refuses nesting deeper than MAX_DEPTH and
 exponents above MAX_EXP; exact numbers past MAX_BITS become floats; an overflow or a division by zero
 makes an element "not evaluable", so it is compared as text. `extract_boxed` is one linear scan.
-majority_vote groups greedily (each answer joins the first equivalent group), as the authors' code does.
 """
 import cmath
 import math
@@ -384,7 +383,7 @@ def _eq(a, b):
 
 @lru_cache(maxsize=4096)
 def _key(answer):
-    """(normalised string, parsed tree); cached because majority_vote compares each answer many times."""
+    """(normalised string, parsed tree); cached because a majority vote compares each answer many times."""
     if len(answer) > MAX_INPUT:
         s = answer.strip()
         return s, ("=", s, None)
@@ -396,34 +395,13 @@ def _same(a, b):
     return bool(a[0]) and (a[0] == b[0] or _eq(a[1], b[1]))
 
 
+def is_answer(a):
+    """True iff a is a string that normalises to something (a missing or blank answer is not one)."""
+    return isinstance(a, str) and bool(_key(a)[0])
+
+
 def is_equiv(pred, ref):
     """True iff the two final answers are mathematically equivalent. Non-strings are never equivalent."""
     if not (isinstance(pred, str) and isinstance(ref, str)):
         return False
     return _same(_key(pred), _key(ref))
-
-
-def majority_vote(answers, none_is_answer=False):
-    """(majority answer, p): answers are grouped by equivalence; p = size of the largest group / len(answers).
-
-    Missing answers (None or empty) count in the denominator but never form a group, unless
-    none_is_answer=True (the authors' code): then they are the string "None" and can win. Ties go to
-    the group formed first.
-    """
-    groups = []  # [key, representative, count] in order of formation
-    for a in answers:
-        if not isinstance(a, str) or not _key(a)[0]:
-            if not none_is_answer:
-                continue
-            a = "None"
-        key = _key(a)
-        for g in groups:
-            if _same(g[0], key):
-                g[2] += 1
-                break
-        else:
-            groups.append([key, a, 1])
-    if not groups:
-        return None, 0.0
-    best = max(groups, key=lambda g: g[2])  # max keeps the first of equal counts
-    return best[1], best[2] / len(answers)

@@ -20,7 +20,8 @@ tokens / number of tokens), "seq_mean_token_mean" (mean within each sequence, th
 
 Choices and departures from the paper / the authors' EasyR1 code:
 - One call of `grpo_update` is one optimizer step over the whole rollout batch it is given, 1 epoch (as in
-  the paper). The caller splits a rollout step into its optimizer updates (R-Zero: 4 per step).
+  the paper). `train_step` splits a rollout step into its optimizer updates (R-Zero: 4 per step); `assemble`
+  makes the step's batch (right-padded ids, completion mask, group advantages) from token lists and rewards.
 - The normaliser (token or sequence count) is computed over the WHOLE optimizer batch before the
   micro-batch loop. The authors' code divides each micro-batch by its own token count, so the update
   depends on how sequences fall into micro-batches; here micro-batched gradients equal one big batch.
@@ -49,24 +50,25 @@ LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "constant")
 class GRPOConfig:
     lr: float = 1e-6
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    beta1: float = 0.9               # AdamW betas
+    beta2: float = 0.999
     clip_low: float = 0.2            # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.3
-    dual_clip: float | None = 3.0    # cap of -A * ratio for A < 0; None = off
+    dual_clip: float = 3.0           # cap of -A * ratio for A < 0; 0 = off
     kl_coef: float = 0.01
     kl_clamp: float = 10.0
     loss_agg: str = "token_mean"     # "token_mean" | "seq_mean_token_mean" | "constant"
-    max_len_norm: int = 4096         # the constant of loss_agg="constant" (max response length)
+    max_len_norm: int = 4096         # the constant of loss_agg="constant" (the max response length)
     grad_clip: float = 1.0
     micro_batch: int = 8             # sequences per forward/backward
-    temperature: float = 1.0         # must equal the sampler's: log-probs of logits / T
+    temperature: float = 1.0         # of every rollout and vote: log-probs are of logits / T, the sampler's own
     logprob_chunk: int = 1024        # tokens per lm_head + log_softmax chunk
     scale_adv_by_std: bool = True    # False: Dr. GRPO advantages r - mean
 
     def __post_init__(self):
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}.")
-        if self.dual_clip is not None and self.dual_clip <= 1 + self.clip_high:
+        if self.dual_clip and self.dual_clip <= 1 + self.clip_high:
             raise ValueError(f"dual_clip must exceed 1 + clip_high = {1 + self.clip_high}, got {self.dual_clip}.")
 
 
@@ -99,6 +101,39 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     # all-equal groups carry no signal; force exact zeros (the mean of equal floats can round off)
     adv = adv.masked_fill(zero_var[:, None], 0.0)
     return adv.flatten(), int(zero_var.sum())
+
+
+def assemble(prompts, completions, rewards, group_size, pad_id, cfg, device=None):
+    """A rollout step's sequences as one batch: prompts and completions (token-id lists, consecutive groups of
+    group_size per prompt) and their rewards -> (Rollout without log-probs, number of zero-variance groups)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)  # (B, T) right-padded
+    mask = torch.zeros(ids.shape, dtype=torch.bool)                              # (B, T) completion tokens
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, len(p):len(s)] = True
+    adv, zero_groups = group_advantages(rewards, group_size, cfg.scale_adv_by_std)
+    return Rollout(ids.to(device), mask.to(device), adv.to(device)), zero_groups
+
+
+def split(rollout, n):
+    """The n optimizer updates of a rollout step: equal consecutive slices of its batch."""
+    B = rollout.input_ids.shape[0]
+    pick = lambda x, rows: None if x is None else x[rows]
+    return [Rollout(*(pick(x, slice(u * B // n, (u + 1) * B // n)) for x in (
+        rollout.input_ids, rollout.completion_mask, rollout.advantages, rollout.old_logp, rollout.ref_logp)))
+        for u in range(n)]
+
+
+def my_prompts(n, updates):
+    """The global indices of this rank's share of a step's n prompts: every update's slice of the batch is
+    split across ranks, so the u-th slice of every rank's rollout makes up update u, as in one process."""
+    r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    idx = []
+    for u in range(updates):
+        lo, size = u * n // updates, (u + 1) * n // updates - u * n // updates
+        idx += range(lo + r * size // w, lo + (r + 1) * size // w)
+    return idx
 
 
 def _chunk_logprobs(lm_head, h, targets, temperature):
@@ -137,7 +172,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
     adv = advantages[:, None].float()                     # (B, 1) broadcast over the sequence's tokens
     ratio = (logp - old_logp).clamp(-20, 20).exp()        # clamp: exp overflow would give inf * 0 = nan grads
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high))  # (B, T)
-    if cfg.dual_clip is not None:
+    if cfg.dual_clip:
         # for A < 0 the clipped objective is unbounded in ratio: one stale token could dominate the batch
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
     kl = torch.zeros_like(logp)
@@ -155,7 +190,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
 
         def mean(x):
             return (x.float() * mask).sum() / n.clamp(min=1)
-        dual = cfg.dual_clip if cfg.dual_clip is not None else math.inf
+        dual = cfg.dual_clip or math.inf
         stats = dict(clip_frac_low=mean((adv < 0) & (ratio < 1 - cfg.clip_low)),
                      clip_frac_high=mean((adv > 0) & (ratio > 1 + cfg.clip_high)),
                      dual_clip_frac=mean((adv < 0) & (ratio > dual)),
@@ -185,7 +220,7 @@ def rollout_logprobs(model, input_ids, completion_mask, cfg):
 def make_optimizer(model, cfg):
     # weight decay on every parameter (norms and embeddings too), as in EasyR1
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 STAT_KEYS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl", "ratio", "entropy")
@@ -226,3 +261,14 @@ def grpo_update(model, optimizer, rollout, cfg):
     stats = {k: float(v / tokens) for k, v in zip(STAT_KEYS, sums[1:-1])}
     stats.update(loss=float(sums[0]), tokens=float(sums[-1]), grad_norm=float(grad_norm), skipped=float(skipped))
     return stats
+
+
+def train_step(model, optimizer, rollout, ref, cfg, updates):
+    """A rollout step's training: old log-probs recomputed by the policy (so the ratio is exactly 1 at the first
+    update) and the reference's, then `updates` optimizer updates over equal slices. Mean of their stats."""
+    rollout.old_logp = rollout_logprobs(model, rollout.input_ids, rollout.completion_mask, cfg)
+    if ref is not None and cfg.kl_coef > 0:
+        rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)
+    stats = [grpo_update(model, optimizer, part, cfg) for part in split(rollout, updates)]
+    good = [s for s in stats if not s["skipped"]] or stats  # a skipped update's stats are NaN
+    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {"skipped": sum(s["skipped"] for s in stats)}

@@ -1,9 +1,9 @@
 """
 The Solver side of R-Zero: its prompt, the pseudo-labelled dataset it trains on, and its reward (Sec. 3.3).
 
-One step is shared with the Challenger: `answer_and_vote` lets the frozen Solver answer a batch of questions m
-times each (one batched sampling call over all questions x m), extracts each answer's last \\boxed{}, and
-takes the majority by mathematical equivalence (grader.majority_vote). For question x:
+One step is shared with the Challenger: the frozen Solver answers a question m times (train.py samples them,
+each rank its share), `vote` extracts each answer's last \\boxed{} and takes the majority by mathematical
+equivalence (`majority_vote`, grader.is_equiv). For question x:
     y* = majority answer (the pseudo-label),  p = #answers equivalent to y* / m.
 The Challenger's uncertainty reward is a function of p (challenger.py); the Solver dataset keeps the questions
 of informative difficulty:
@@ -11,13 +11,13 @@ of informative difficulty:
 and the Solver is then trained with GRPO on reward 1[last boxed answer == y*].
 
 Paper vs the authors' code (the paper is the default, the code is a switch):
-- `code_variant_band=True`: keep 0.3 <= p <= 0.8 (the code used m = 9), count a missing \\boxed{} as the
+- `band="code"`: keep 0.3 <= p <= 0.8 (the code used m = 9), count a missing \\boxed{} as the
   answer "None" when voting, and drop problems whose majority is empty / "None".
 - The code's Solver reward was 0.9 * correct + 0.1 * format(<think> tags), a leftover of its template;
   here it is the paper's binary reward.
 - Voting samples at temperature 1 with no top-p / top-k truncation (the code used top-k 40): p is meant to be
   the Solver's own probability of reaching its majority answer, and its training rollouts (top-p 0.99) are
-  all but untruncated. Set `top_k=40` to match the code.
+  all but untruncated. Set `vote_top_k=40` to match the code.
 """
 from dataclasses import dataclass
 
@@ -29,27 +29,20 @@ SOLVER_SYSTEM = "Please reason step by step, and put your final answer within \\
 
 @dataclass
 class SolverConfig:
-    # voting: the frozen Solver answers each question m times
-    m: int = 10
-    temperature: float = 1.0
-    top_p: float = 1.0  # untruncated: p estimates the policy's own answer distribution
-    top_k: int = 0  # the authors' code used 40
-    max_new_tokens: int = 4096
-    memory_budget: int = 2**30  # KV-cache bytes per sampling call (sample.generate)
-    progress: bool = False  # a tqdm bar while sampling
-    # dataset filter
+    # voting: the frozen Solver answers each question m times, untruncated (top-p 1: p estimates the policy's own
+    # answer distribution)
+    m_answers: int = 10  # the paper's m (a flag named --m would clash with torchrun's own options)
+    vote_top_k: int = 0  # the authors' code used 40
+    answer_max_new_tokens: int = 4096
+    # the dataset filter
     delta: float = 0.25  # keep |p - 1/2| <= delta
-    use_filter: bool = True  # False = the paper's "without filtering" ablation (keep every problem with a majority)
-    code_variant_band: bool = False  # the code's 0.3 <= p <= 0.8, missing answers vote "None"
-    # GRPO rollouts of the Solver on the kept problems
-    group_size: int = 5  # G
-    rollout_temperature: float = 1.0
-    rollout_top_p: float = 0.99
+    filter: bool = True  # False = the paper's "without filtering" ablation (keep every problem with a majority)
+    band: str = "paper"  # "paper" | "code": the code's 0.3 <= p <= 0.8, and a missing answer votes "None"
 
 
 @dataclass
 class Vote:
-    majority: str | None  # pseudo-label y*; None when no answer was extracted (or "None" won, code variant)
+    majority: str | None  # pseudo-label y*; None when no answer was extracted (or "None" won, code band)
     p: float  # fraction of the m answers equivalent to the majority
     answers: list  # the m extracted boxed answers, None where a response had none
 
@@ -58,55 +51,59 @@ def solver_prompt(tokenizer, problem: str) -> list[int]:
     return sample.chat_prompt(tokenizer, SOLVER_SYSTEM, problem)
 
 
-def sample_answers(model, tokenizer, problems: list[str], m: int, cfg: SolverConfig, seed=None) -> list[list[str]]:
-    """m sampled responses per problem, [len(problems)][m], from ONE batched call (never a loop over problems)."""
-    if not problems:
-        return []
-    prompts = [solver_prompt(tokenizer, q) for q in problems]
-    out = sample.generate(model, prompts, n=m, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=sample.eos_ids_of(tokenizer),
-                          tokenizer=tokenizer, seed=seed, memory_budget=cfg.memory_budget, progress=cfg.progress)
-    return [[c.text for c in row] for row in out]
+def majority_vote(answers, none_is_answer=False) -> Vote:
+    """Answers grouped by equivalence; the majority is the largest group, p its size / len(answers).
+
+    Missing answers (None or blank) count in the denominator but never form a group, unless
+    none_is_answer=True (the authors' code): then they are the string "None" and can win. Ties go to
+    the group formed first.
+    """
+    groups = []  # [representative, count] in order of formation
+    for a in answers:
+        if not grader.is_answer(a):
+            if not none_is_answer:
+                continue
+            a = "None"
+        for g in groups:
+            if grader.is_equiv(g[0], a):
+                g[1] += 1
+                break
+        else:
+            groups.append([a, 1])
+    if not groups:
+        return Vote(None, 0.0, list(answers))
+    best = max(groups, key=lambda g: g[1])  # max keeps the first of equal counts
+    return Vote(best[0], best[1] / len(answers), list(answers))
 
 
-def answer_and_vote(model, tokenizer, problems: list[str], m: int, cfg: SolverConfig, none_is_answer=False,
-                    seed=None) -> list[Vote]:
-    """The frozen Solver scores a batch of questions: m answers each, majority by equivalence, p."""
-    votes = []
-    for responses in sample_answers(model, tokenizer, problems, m, cfg, seed=seed):
-        answers = [grader.extract_boxed(r) if r else None for r in responses]
-        majority, p = grader.majority_vote(answers, none_is_answer=none_is_answer)
-        votes.append(Vote(majority, float(p), answers))
-    return votes
+def vote(responses: list[str | None], cfg: SolverConfig) -> Vote:
+    """The Solver's m responses to one question -> their last boxed answers and majority."""
+    answers = [grader.extract_boxed(r) if r else None for r in responses]
+    return majority_vote(answers, none_is_answer=cfg.band == "code")
 
 
 def in_band(p: float, cfg: SolverConfig) -> bool:
     eps = 1e-9  # p = k/m in floating point: 0.3 and 0.8 must sit inside their band
-    if cfg.code_variant_band:
+    if cfg.band == "code":
         return 0.3 - eps <= p <= 0.8 + eps
     return abs(p - 0.5) <= cfg.delta + eps
 
 
-def build_dataset(problems: list, model, tokenizer, cfg: SolverConfig, seed=None, vote=None) -> tuple[list[dict], dict]:
-    """Pseudo-label N generated problems; returns (records {problem, pseudo_label, p}, counts at each filter).
-
-    problems: the Challenger's parsed questions, None (or blank) where a completion had no parsable question.
-    counts: generated = unparsable + no_majority + out_of_band + kept.
-    vote: a drop-in for answer_and_vote (same arguments), e.g. one that splits the problems across ranks.
-    """
-    counts = dict(generated=len(problems), unparsable=0, no_majority=0, out_of_band=0, kept=0)
-    valid = [q.strip() for q in problems if q is not None and q.strip()]
-    counts["unparsable"] = len(problems) - len(valid)
-    votes = (vote or answer_and_vote)(model, tokenizer, valid, cfg.m, cfg, none_is_answer=cfg.code_variant_band,
-                                      seed=seed)
+def build_dataset(questions: list, votes: list, cfg: SolverConfig) -> tuple[list[dict], dict]:
+    """The Solver's dataset from the Challenger's N questions (None where a completion had none) and the frozen
+    Solver's votes on them (None where the question is None): records {problem, pseudo_label, p} and the
+    counts at each filter, generated = unparsable + no_majority + out_of_band + kept."""
+    counts = dict(generated=len(questions), unparsable=0, no_majority=0, out_of_band=0, kept=0)
     records = []
-    for q, v in zip(valid, votes):
-        if v.majority is None or not v.majority.strip() or (cfg.code_variant_band and v.majority.strip() == "None"):
+    for q, v in zip(questions, votes):
+        if q is None or not q.strip():
+            counts["unparsable"] += 1
+        elif v.majority is None or not v.majority.strip() or (cfg.band == "code" and v.majority.strip() == "None"):
             counts["no_majority"] += 1
-        elif cfg.use_filter and not in_band(v.p, cfg):
+        elif cfg.filter and not in_band(v.p, cfg):
             counts["out_of_band"] += 1
         else:
-            records.append(dict(problem=q, pseudo_label=v.majority, p=v.p))
+            records.append(dict(problem=q.strip(), pseudo_label=v.majority, p=v.p))
     counts["kept"] = len(records)
     return records, counts
 

@@ -1,6 +1,7 @@
 """Challenger: parsing, BLEU-4 (method 1), average-linkage clustering, repetition penalty and the batch reward.
 
-The frozen Solver is replaced by scripted answers (solver.sample_answers is monkeypatched), so no model runs.
+challenger.py is pure: the frozen Solver's votes are built from scripted responses with solver.vote (as train.vote
+does with sampled ones), so no model runs.
 """
 import math
 import random
@@ -197,21 +198,18 @@ BATCH = [f"<question>{Q['half']}</question>\\boxed{{1}}", f"<question>{Q['sure']
          f"<question>{Q['p30']}</question>", f"<question>{Q['mute']}</question>", f"<question>{Q['p70']}</question>"]
 
 
-@pytest.fixture
-def scripted_solver(monkeypatch):
+def batch_votes(cfg=solver.SolverConfig()):
+    """The parsed questions of BATCH and the Solver's votes on them, aligned (None for the bad format), as
+    train.challenger_phase passes them."""
     by_text = {q: ANSWERS[k] for k, q in Q.items()}
-    calls = []
-
-    def fake_sample_answers(model, tokenizer, problems, m, cfg, seed=None):
-        calls.append((list(problems), m, cfg))
-        return [by_text[q][:m] for q in problems]
-
-    monkeypatch.setattr(solver, "sample_answers", fake_sample_answers)
-    return calls
+    questions = [parse_question(t) for t in BATCH]
+    return questions, [None if q is None else solver.vote(by_text[q], cfg) for q in questions]
 
 
-def test_paper_reward_on_a_constructed_batch(scripted_solver):
-    rewards, stats = ch.challenger_rewards(BATCH, None, None, ChallengerConfig())
+def test_paper_reward_on_a_constructed_batch():
+    questions, votes = batch_votes()
+    assert questions == [Q["half"], Q["sure"], Q["dup"], Q["dup"], None, Q["p30"], Q["mute"], Q["p70"]]
+    rewards, stats = ch.challenger_rewards(questions, votes, ChallengerConfig())
     # B = 8 (the bad-format completion stays in the denominator): singletons r_rep = 1/8, duplicates 2/8
     assert rewards == pytest.approx([1 - 1 / 8,  # p = 0.5: r_unc = 1
                                      0.0,  # unanimous: max(0, 0 - 1/8)
@@ -220,41 +218,67 @@ def test_paper_reward_on_a_constructed_batch(scripted_solver):
                                      0.6 - 1 / 8,  # p = 0.3: r_unc = 1 - 2 * 0.2
                                      0.0,  # no boxed answer: no majority, p = 0
                                      0.6 - 1 / 8], abs=1e-12)  # p = 0.7
-    assert len(scripted_solver) == 1  # ONE Solver call for the whole batch, bad format excluded
-    problems, m, cfg = scripted_solver[0]
-    assert problems == [Q["half"], Q["sure"], Q["dup"], Q["dup"], Q["p30"], Q["mute"], Q["p70"]]
-    assert m == 10 and (cfg.temperature, cfg.top_p, cfg.top_k) == (1.0, 1.0, 0)
     assert [s["cluster_size"] for s in stats] == [1, 1, 2, 2, 0, 1, 1, 1]
     assert [s["valid_format"] for s in stats] == [True, True, True, True, False, True, True, True]
     assert [s["p"] for s in stats] == [0.5, 1.0, 0.5, 0.5, None, 0.3, 0.0, 0.7]
+    assert [s["question"] for s in stats] == questions
     assert stats[1]["majority"] == "7" and stats[6]["majority"] is None
-    assert stats[0]["challenger_answer"] == "1" and stats[3]["challenger_answer"] is None
+    assert stats[0]["r_unc"] == 1.0 and stats[0]["r_rep"] == pytest.approx(1 / 8) and stats[4]["r_rep"] == 0.0
+    # the reward reads only .p and .majority of a vote
+    from types import SimpleNamespace
+    plain = [None if v is None else SimpleNamespace(p=v.p, majority=v.majority) for v in votes]
+    assert ch.challenger_rewards(questions, plain, ChallengerConfig()) == (rewards, stats)
+    assert ch.challenger_rewards([], [], ChallengerConfig()) == ([], [])
 
 
-def test_reward_without_repetition_penalty_and_lambda(scripted_solver):
-    rewards, stats = ch.challenger_rewards(BATCH, None, None, ChallengerConfig(use_repetition_penalty=False))
+def test_reward_without_repetition_penalty_and_lambda():
+    questions, votes = batch_votes()
+    rewards, stats = ch.challenger_rewards(questions, votes, ChallengerConfig(repetition_penalty=False))
     assert rewards == pytest.approx([1.0, 0.0, 1.0, 1.0, 0.0, 0.6, 0.0, 0.6], abs=1e-12)  # p = 0.5 -> 1, unanimous -> 0
-    seen = []
-    split_vote = lambda *a, **kw: seen.append(kw) or solver.answer_and_vote(*a, **kw)  # train.py's per-rank vote
-    rewards, _ = ch.challenger_rewards(BATCH, None, None, ChallengerConfig(lam=0.5), seed=9, vote=split_vote)
+    assert all(s["r_rep"] == 0.0 for s in stats)
+    rewards, _ = ch.challenger_rewards(questions, votes, ChallengerConfig(penalty_weight=0.5))
     assert rewards[:4] == pytest.approx([1 - 0.5 / 8, 0.0, 1 - 1 / 8, 1 - 1 / 8], abs=1e-12)
-    assert seen == [dict(none_is_answer=False, seed=9)]
+    # cluster_cut: at a cut of 0 nothing merges (the duplicates too are singletons); at 1.01 everything does
+    _, stats = ch.challenger_rewards(questions, votes, ChallengerConfig(cluster_cut=0.0))
+    assert [s["cluster_size"] for s in stats] == [1, 1, 1, 1, 0, 1, 1, 1]
+    _, stats = ch.challenger_rewards(questions, votes, ChallengerConfig(cluster_cut=1.01))
+    assert [s["cluster_size"] for s in stats] == [7, 7, 7, 7, 0, 7, 7, 7]
 
 
-def test_code_variant_reward(scripted_solver):
-    rewards, stats = ch.challenger_rewards(BATCH, None, None, ChallengerConfig(reward_variant="code"))
+def test_code_variant_reward():
+    # the authors' code: --reward-variant code --band code (a missing answer votes "None")
+    questions, votes = batch_votes(solver.SolverConfig(band="code"))
+    rewards, stats = ch.challenger_rewards(questions, votes, ChallengerConfig(reward_variant="code"))
     assert rewards == pytest.approx([0.5 - 1 / 8, 0.0 - 1 / 8, 0.5 - 2 / 8, 0.5 - 2 / 8,
                                      -1.0,  # bad format
                                      0.3 - 1 / 8,
                                      0.0 - 1 / 8,  # 10 x "None" is a unanimous answer: p = 1
                                      0.3 - 1 / 8], abs=1e-12)
-    assert stats[6]["p"] == 1.0
-    _, paper = ch.challenger_rewards(BATCH, None, None, ChallengerConfig())
+    assert stats[6]["p"] == 1.0 and stats[6]["majority"] == "None"
+    # the reward variant alone does not change how votes count a missing answer: that is the band's
+    _, paper_band = ch.challenger_rewards(*batch_votes(), ChallengerConfig(reward_variant="code"))
+    assert paper_band[6]["p"] == 0.0 and paper_band[6]["majority"] is None
+    _, paper = ch.challenger_rewards(*batch_votes(), ChallengerConfig())
     for s, sp in zip(stats, paper):  # half scale: min(p, 1-p) = (1 - 2|p - 1/2|) / 2
         if s["valid_format"] and sp["p"] == s["p"]:
             assert s["r_unc"] == pytest.approx(sp["r_unc"] / 2, abs=1e-12)
     with pytest.raises(ValueError):
-        ch.challenger_rewards(BATCH, None, None, ChallengerConfig(reward_variant="nope"))
+        ch.challenger_rewards(questions, votes, ChallengerConfig(reward_variant="nope"))
+
+
+def test_code_variant_takes_bleu_from_the_lower_index():
+    """The code variant clusters on the code's one-direction BLEU (hypothesis = lower batch index), the paper
+    variant on the mean of both directions. A sentence and its first 9 words: BLEU(long, short) = 0.513,
+    BLEU(short, long) = 0.459, mean 0.486 -> only the code variant, long first, is under the 0.5 distance cut."""
+    long_ = "find the sum of all positive integers n such that n squared plus one is prime"
+    short = " ".join(long_.split()[:9])
+    assert bleu4(long_.split(), short.split()) == pytest.approx(0.513, abs=1e-3)
+    assert bleu4(short.split(), long_.split()) == pytest.approx(0.459, abs=1e-3)
+    votes = [solver.Vote("1", 0.5, ["1", "2"])] * 2
+    sizes = lambda qs, variant: [s["cluster_size"] for s in
+                                 ch.challenger_rewards(qs, votes, ChallengerConfig(reward_variant=variant))[1]]
+    assert sizes([long_, short], "code") == [2, 2] and sizes([short, long_], "code") == [1, 1]
+    assert sizes([long_, short], "paper") == [1, 1] == sizes([short, long_], "paper")
 
 
 def test_repetition_penalty_is_proportional_to_cluster_size():
@@ -271,7 +295,7 @@ def test_uncertainty_reward():
     assert ch.uncertainty_reward(0.3) == pytest.approx(0.6) and ch.uncertainty_reward(0.8) == pytest.approx(0.4)
 
 
-def test_challenger_prompt_and_write_problems(monkeypatch):
+def test_challenger_prompt():
     from conftest import make_tokenizer
 
     tok = make_tokenizer()
@@ -279,14 +303,3 @@ def test_challenger_prompt_and_write_problems(monkeypatch):
     assert ids == sample.chat_prompt(tok, ch.CHALLENGER_SYSTEM, ch.CHALLENGER_USER)
     for needle in ("<question>", "</question>", "\\boxed{", "high-school", "famous"):
         assert needle in ch.CHALLENGER_SYSTEM
-    calls = []
-
-    def fake_generate(model, prompts, n=1, **kw):
-        calls.append((prompts, n, kw))
-        texts = ["<question>Q1</question>\\boxed{1}", "garbage", "<question>Q3</question>"]
-        return [[sample.Completion([], [], "eos", texts[i % 3])] for i in range(len(prompts))]
-
-    monkeypatch.setattr(sample, "generate", fake_generate)
-    assert ch.write_problems(None, tok, 6, ChallengerConfig(), seed=3) == ["Q1", None, "Q3"] * 2
-    (prompts, n, kw), = calls  # one call: 6 copies of the one prompt, one sample each (a seed per problem)
-    assert prompts == [ids] * 6 and n == 1 and kw["top_p"] == 0.95 and kw["temperature"] == 1.0 and kw["seed"] == 3

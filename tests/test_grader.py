@@ -5,7 +5,8 @@ import time
 import pytest
 
 import grader
-from grader import extract_boxed, extract_gsm8k, is_equiv, majority_vote
+from grader import extract_boxed, extract_gsm8k, is_answer, is_equiv
+from solver import majority_vote  # the vote's time bound is the grader's: checked here with it
 
 T, F = True, False
 
@@ -160,8 +161,8 @@ def test_adversarial_inputs_are_fast_and_safe(i):
     assert (out is None or isinstance(out, str)) and ms < 50
     out, ms = _cpu_ms(extract_gsm8k, s)
     assert (out is None or isinstance(out, str)) and ms < 50
-    (majority, p), ms = _cpu_ms(majority_vote, [s, s, "1", None])
-    assert 0.0 <= p <= 1.0 and ms < 50
+    vote, ms = _cpu_ms(majority_vote, [s, s, "1", None])
+    assert 0.0 <= vote.p <= 1.0 and ms < 50
 
 
 def test_adversarial_values():
@@ -193,9 +194,10 @@ def test_fuzz():
         start = time.process_time()
         same, forth, back = is_equiv(s, s), is_equiv(s, t), is_equiv(t, s)
         boxed, gsm = extract_boxed(s), extract_gsm8k(s)
-        majority, p = majority_vote([s, t, None, s])
+        vote = majority_vote([s, t, None, s])
+        majority, p = vote.majority, vote.p
         worst = max(worst, time.process_time() - start)
-        assert same == bool(grader._key(s)[0])  # reflexive unless the answer normalises to nothing
+        assert same == bool(grader._key(s)[0]) == is_answer(s)  # reflexive unless the answer normalises to nothing
         assert forth == back
         assert boxed is None or isinstance(boxed, str)
         assert gsm is None or isinstance(gsm, str)
@@ -234,25 +236,8 @@ def test_extract_gsm8k():
     assert is_equiv("18.0", extract_gsm8k("#### 18"))
 
 
-def test_majority_vote_groups_by_equivalence():
-    assert majority_vote(["0.5", "\\frac12", "1/2", "2", "2"]) == ("0.5", 0.6)
-    assert majority_vote(["\\frac{1}{2}", "0.5"]) == ("\\frac{1}{2}", 1.0)  # representative: first seen
-    assert majority_vote(["(1,2)", "[1,2]", "\\left( 1, 2 \\right)"]) == ("(1,2)", pytest.approx(2 / 3))
-    answers = ["18", "18.0", "\\$18", "17", "18 dollars", None, "1{,}8", "19", "17", "18"]
-    assert majority_vote(answers) == ("18", 0.5)
-
-
-def test_majority_vote_ties_go_to_the_first_group():
-    assert majority_vote(["3", "4", "4", "3"]) == ("3", 0.5)
-    assert majority_vote(["4", "3", "3", "4"]) == ("4", 0.5)
-    assert majority_vote(["1", "2", "3"]) == ("1", pytest.approx(1 / 3))
-
-
-def test_majority_vote_missing_answers():
-    assert majority_vote([None, None, None, "5", "5"]) == ("5", 0.4)
-    assert majority_vote([None, None, None, "5", "5"], none_is_answer=True) == ("None", 0.6)
-    assert majority_vote([None, None, "5", "5"], none_is_answer=True) == ("None", 0.5)  # tie: None came first
-    assert majority_vote([None] * 3) == (None, 0.0)
-    assert majority_vote([None] * 3, none_is_answer=True) == ("None", 1.0)
-    assert majority_vote([]) == (None, 0.0) and majority_vote([], none_is_answer=True) == (None, 0.0)
-    assert majority_vote(["", "7", "  "]) == ("7", pytest.approx(1 / 3))  # empty answers are missing answers
+def test_is_answer():
+    for a in ["5", "0", "\\frac{1}{2}", "x", "\\text{(B)}", " 7 "]:
+        assert is_answer(a), a
+    for a in [None, "", "   ", "$ $", "\\text{}", "\\,", 5, ["5"]]:  # missing, blank, or nothing left after normalising
+        assert not is_answer(a), a

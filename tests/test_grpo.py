@@ -95,7 +95,7 @@ def test_ppo_clip_and_dual_clip():
     assert float(stats["dual_clip_frac"]) == pytest.approx(2 / 9)
     assert float(stats["ratio"]) == pytest.approx(ratio.mean().item())
     assert float(stats["tokens"]) == 9
-    _, _, loss, stats = clip_case(dual_clip=None)  # without dual-clip the A < 0, big-ratio tokens are unbounded
+    _, _, loss, stats = clip_case(dual_clip=0.0)  # without dual-clip the A < 0, big-ratio tokens are unbounded
     assert loss.item() == pytest.approx((pg.sum().item() - 3.0 - 6.0 + 5.0 + 8.0) / 9, rel=1e-12)
     assert float(stats["dual_clip_frac"]) == 0.0
 
@@ -348,3 +348,103 @@ def test_fsdp_two_ranks_equal_one_process(model_dir, tmp_path):
         assert dist_stats[k] == pytest.approx(stats[k], rel=1e-5), k
     for k, v in model.state_dict().items():
         torch.testing.assert_close(dist_state[k], v, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- GRPO batches
+
+def two_groups(scale_adv_by_std=True):
+    """2 prompts x G = 2 completions: group 1 rewards (1, 0), group 2 (0.5, 0.5) (zero variance)."""
+    import grpo
+
+    prompts = [[5, 6], [5, 6], [7], [7]]
+    completions = [[1, 2, 3], [4], [8, 9], [10, 11, 12, 13]]
+    return grpo.assemble(prompts, completions, [1.0, 0.0, 0.5, 0.5], 2, 0,
+                         grpo.GRPOConfig(scale_adv_by_std=scale_adv_by_std))
+
+
+def test_assemble_pads_masks_and_scores_groups():
+    rollout, zero = two_groups()
+    assert rollout.input_ids.tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 0, 0], [7, 8, 9, 0, 0], [7, 10, 11, 12, 13]]
+    assert rollout.completion_mask.tolist() == [[False, False, True, True, True], [False, False, True, False, False],
+                                                [False, True, True, False, False], [False, True, True, True, True]]
+    # group 1: mean 0.5, unbiased std sqrt(0.5) -> +-0.5 / (0.7071 + 1e-6); group 2: equal rewards -> exactly 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert rollout.advantages.tolist() == pytest.approx([a, -a, 0.0, 0.0], abs=1e-6) and zero == 1
+    assert rollout.advantages[2:].tolist() == [0.0, 0.0]
+    assert rollout.old_logp is None and rollout.ref_logp is None
+    rollout, zero = two_groups(scale_adv_by_std=False)  # Dr. GRPO: r - mean
+    assert rollout.advantages.tolist() == [0.5, -0.5, 0.0, 0.0] and zero == 1
+
+
+def test_split_slices_concatenate_back_to_the_batch():
+    import grpo
+
+    rollout, _ = two_groups()
+    rollout.old_logp = torch.arange(20.0).view(4, 5)
+    halves = grpo.split(rollout, 2)
+    assert [h.input_ids.shape[0] for h in halves] == [2, 2]
+    for field in ("input_ids", "completion_mask", "advantages", "old_logp"):
+        assert torch.equal(torch.cat([getattr(h, field) for h in halves]), getattr(rollout, field)), field
+    assert all(h.ref_logp is None for h in halves)
+    assert torch.equal(halves[1].input_ids, rollout.input_ids[2:])  # consecutive: update u takes rows u*B/n..
+    (whole,) = grpo.split(rollout, 1)
+    assert torch.equal(whole.input_ids, rollout.input_ids)
+    quarters = grpo.split(rollout, 4)
+    assert [q.input_ids.tolist() for q in quarters] == [[row] for row in rollout.input_ids.tolist()]
+
+
+def test_my_prompts_gives_each_rank_its_part_of_every_update(monkeypatch):
+    import grpo
+
+    assert grpo.my_prompts(8, 2) == list(range(8))  # one process: everything, in order
+    monkeypatch.setattr(grpo.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(grpo.dist, "get_world_size", lambda: 2)
+    per_rank = {}
+    for r in (0, 1):
+        monkeypatch.setattr(grpo.dist, "get_rank", lambda r=r: r)
+        per_rank[r] = grpo.my_prompts(8, 2)
+    # update 0 is prompts 0..3 (rank 0: 0, 1; rank 1: 2, 3), update 1 is 4..7
+    assert per_rank == {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+    # split(., 2) of each rank's rollout: the u-th halves of both ranks make up update u, as in one process
+    for u in range(2):
+        assert per_rank[0][2 * u:2 * u + 2] + per_rank[1][2 * u:2 * u + 2] == list(range(4 * u, 4 * u + 4))
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_train_step_is_old_logprobs_then_updates_over_slices(tmp_path, kl_coef):
+    """train_step == recompute old log-probs (and the reference's when kl_coef > 0), then one grpo_update per
+    equal slice; its stats are the updates' mean."""
+    import copy
+
+    import grpo
+    from conftest import make_hf_model
+    from model import Transformer
+
+    make_hf_model(tmp_path / "m", "qwen3")
+    cfg = grpo.GRPOConfig(lr=1e-2, kl_coef=kl_coef, micro_batch=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in (torch.randint(0, 128, (3,), generator=g).tolist() for _ in range(2)) for _ in range(3)]
+    completions = [torch.randint(0, 128, (2 + k % 4,), generator=g).tolist() for k in range(6)]
+    rewards = [1.0, 0.0, 0.0, 0.2, 0.9, 0.5]
+    ref = Transformer.from_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term is not zero
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    model = Transformer.from_pretrained(str(tmp_path / "m"))
+    twin = copy.deepcopy(model)
+    rollout, _ = grpo.assemble(prompts, completions, rewards, 3, 0, cfg)
+    stats = grpo.train_step(model, grpo.make_optimizer(model, cfg), rollout, ref, cfg, 2)
+    by_hand, _ = grpo.assemble(prompts, completions, rewards, 3, 0, cfg)
+    by_hand.old_logp = grpo.rollout_logprobs(twin, by_hand.input_ids, by_hand.completion_mask, cfg)
+    if kl_coef:
+        by_hand.ref_logp = grpo.rollout_logprobs(ref, by_hand.input_ids, by_hand.completion_mask, cfg)
+    opt = grpo.make_optimizer(twin, cfg)
+    parts = [grpo.grpo_update(twin, opt, part, cfg) for part in grpo.split(by_hand, 2)]
+    torch.testing.assert_close(rollout.old_logp, by_hand.old_logp)
+    assert (rollout.ref_logp is None) == (kl_coef == 0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    for k in ("loss", "kl", "ratio", "tokens", "grad_norm"):
+        assert stats[k] == pytest.approx((parts[0][k] + parts[1][k]) / 2, rel=1e-4, abs=1e-6), k
+    assert stats["skipped"] == 0 and (stats["kl"] > 0) == (kl_coef > 0)
+    assert parts[0]["ratio"] == pytest.approx(1.0, abs=1e-6)  # the first update is on-policy

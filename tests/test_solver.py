@@ -1,13 +1,13 @@
-"""Solver: the pseudo-labelled dataset (band filter, counts, ablations) and the binary reward.
+"""Solver: the majority vote, the pseudo-labelled dataset (band filter, counts, ablations) and the binary reward.
 
-The frozen Solver is a stub whose answers are scripted (solver.sample_answers is monkeypatched); one test
-checks that the real sample_answers makes ONE batched sample.generate call.
+solver.py is pure: the frozen Solver's responses are scripted (SCRIPT) and voted on with solver.vote, as
+train.vote does with the sampled ones, so no model runs.
 """
 import pytest
 
 import sample
 import solver
-from solver import SolverConfig, build_dataset, solver_reward
+from solver import SolverConfig, Vote, build_dataset, majority_vote, solver_reward
 
 
 def scripted(k, label="42"):
@@ -22,76 +22,97 @@ SCRIPT["problem half missing"] = ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\bo
 PROBLEMS = list(SCRIPT) + [None, "   \n"]  # two unparsable Challenger outputs
 
 
-@pytest.fixture
-def stub_solver(monkeypatch):
-    calls = []
-
-    def fake_sample_answers(model, tokenizer, problems, m, cfg, seed=None):
-        calls.append(list(problems))
-        return [SCRIPT[q][:m] for q in problems]
-
-    monkeypatch.setattr(solver, "sample_answers", fake_sample_answers)
-    return calls
+def votes_of(problems, cfg):
+    """One Vote per problem on its scripted responses (None where the problem is None, as train.vote gives)."""
+    return [None if q is None else solver.vote(SCRIPT.get(q, ["\\boxed{1}"] * 10), cfg) for q in problems]
 
 
-def test_band_filter_keeps_3_to_7_of_10(stub_solver):
-    records, counts = build_dataset(PROBLEMS, None, None, SolverConfig())
+def test_band_filter_keeps_3_to_7_of_10():
+    records, counts = build_dataset(PROBLEMS, votes_of(PROBLEMS, SolverConfig()), SolverConfig())
     kept = {r["problem"]: (r["pseudo_label"], r["p"]) for r in records}
     assert kept == {**{f"problem agreeing {k}/10": ("42", k / 10) for k in range(3, 8)},
                     # missing answers count in m: 3 of 10 agree on 1/2 -> p = 0.3, kept
                     "problem half missing": ("\\frac{1}{2}", 0.3)}
     assert counts == dict(generated=13, unparsable=2, no_majority=1, out_of_band=4, kept=6)  # out: 2, 8, 9, 10 of 10
     assert sum(v for k, v in counts.items() if k != "generated") == counts["generated"]
-    assert stub_solver == [list(SCRIPT)]  # one batched call, unparsable problems never reach the Solver
+    # a blank question is unparsable whatever its vote says; a kept problem is stored stripped
+    records, counts = build_dataset(["  problem agreeing 5/10 \n", " "], [votes_of(["problem agreeing 5/10"],
+                                    SolverConfig())[0]] * 2, SolverConfig())
+    assert [r["problem"] for r in records] == ["problem agreeing 5/10"] and counts["unparsable"] == 1
+    assert build_dataset([], [], SolverConfig()) == ([], dict(generated=0, unparsable=0, no_majority=0,
+                                                              out_of_band=0, kept=0))
 
 
-def test_narrower_band_and_no_filter_ablation(stub_solver):
-    records, counts = build_dataset(PROBLEMS, None, None, SolverConfig(delta=0.1))
+def test_narrower_band_and_no_filter_ablation():
+    cfg = SolverConfig(delta=0.1)
+    records, counts = build_dataset(PROBLEMS, votes_of(PROBLEMS, cfg), cfg)
     assert sorted(r["p"] for r in records) == [0.4, 0.5, 0.6]
-    records, counts = build_dataset(PROBLEMS, None, None, SolverConfig(use_filter=False))
+    cfg = SolverConfig(filter=False)
+    records, counts = build_dataset(PROBLEMS, votes_of(PROBLEMS, cfg), cfg)
     assert counts == dict(generated=13, unparsable=2, no_majority=1, out_of_band=0, kept=10)
     assert sorted(r["p"] for r in records) == [0.2, 0.3, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
-def test_code_band(stub_solver):
-    records, counts = build_dataset(PROBLEMS, None, None, SolverConfig(code_variant_band=True))
+def test_code_band():
+    cfg = SolverConfig(band="code")
+    records, counts = build_dataset(PROBLEMS, votes_of(PROBLEMS, cfg), cfg)
     # 0.3 <= p <= 0.8 keeps 3..8 of 10; missing answers vote "None", which wins "half missing" (5 of 10)
     # and "nobody boxes" (10 of 10): both dropped as having no real majority
     assert sorted(r["p"] for r in records) == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
     assert counts == dict(generated=13, unparsable=2, no_majority=2, out_of_band=3, kept=6)
+    # the code band's filter applies to whatever votes it is given: a paper-style vote on "half missing"
+    # (majority 1/2 at p = 0.3) is kept by it
+    records, _ = build_dataset(["problem half missing"], votes_of(["problem half missing"], SolverConfig()), cfg)
+    assert [(r["pseudo_label"], r["p"]) for r in records] == [("\\frac{1}{2}", 0.3)]
 
 
-def test_answer_and_vote(stub_solver):
-    votes = solver.answer_and_vote(None, None, ["problem half missing", "problem agreeing 9/10"], 10, SolverConfig())
-    assert votes[0].answers == ["\\frac{1}{2}", "0.5", "1/2", "3", "4"] + [None] * 5
-    assert (votes[0].majority, votes[0].p) == ("\\frac{1}{2}", 0.3)
-    assert (votes[1].majority, votes[1].p) == ("42", 0.9)
-    assert solver.answer_and_vote(None, None, [], 10, SolverConfig()) == []
-    # a drop-in vote (train.py splits the problems across ranks this way) replaces answer_and_vote
-    seen = []
-    split_vote = lambda *a, **kw: seen.append(kw) or solver.answer_and_vote(*a, **kw)
-    assert build_dataset(PROBLEMS, None, None, SolverConfig(), seed=5, vote=split_vote)[1]["kept"] == 6
-    assert seen == [dict(none_is_answer=False, seed=5)]
+def test_vote_extracts_the_last_box_of_each_response():
+    v = solver.vote(SCRIPT["problem half missing"], SolverConfig())
+    assert v.answers == ["\\frac{1}{2}", "0.5", "1/2", "3", "4"] + [None] * 5
+    assert (v.majority, v.p) == ("\\frac{1}{2}", 0.3)
+    v = solver.vote(SCRIPT["problem agreeing 9/10"], SolverConfig())
+    assert (v.majority, v.p) == ("42", 0.9)
+    v = solver.vote(["first \\boxed{1} then \\boxed{2}", None, "", "\\boxed{2}"], SolverConfig())
+    assert v == Vote("2", 0.5, ["2", None, None, "2"])  # a missing response (None) is a missing answer
+    # band="code" counts a missing answer as the answer "None" (the authors' code)
+    assert solver.vote(SCRIPT["problem half missing"], SolverConfig(band="code")) == Vote(
+        "None", 0.5, ["\\frac{1}{2}", "0.5", "1/2", "3", "4"] + [None] * 5)
+    assert solver.vote(SCRIPT["problem nobody boxes"], SolverConfig()) == Vote(None, 0.0, [None] * 10)
 
 
-def test_sample_answers_is_one_batched_call(monkeypatch):
+def test_majority_vote_groups_by_equivalence():
+    assert majority_vote(["0.5", "\\frac12", "1/2", "2", "2"]) == Vote("0.5", 0.6, ["0.5", "\\frac12", "1/2", "2", "2"])
+    assert majority_vote(["\\frac{1}{2}", "0.5"]).majority == "\\frac{1}{2}"  # representative: first seen
+    v = majority_vote(["(1,2)", "[1,2]", "\\left( 1, 2 \\right)"])
+    assert (v.majority, v.p) == ("(1,2)", pytest.approx(2 / 3))
+    answers = ["18", "18.0", "\\$18", "17", "18 dollars", None, "1{,}8", "19", "17", "18"]
+    v = majority_vote(answers)
+    assert (v.majority, v.p) == ("18", 0.5) and v.answers == answers and v.answers is not answers  # a copy
+
+
+def test_majority_vote_ties_go_to_the_first_group():
+    mv = lambda a: (lambda v: (v.majority, v.p))(majority_vote(a))
+    assert mv(["3", "4", "4", "3"]) == ("3", 0.5)
+    assert mv(["4", "3", "3", "4"]) == ("4", 0.5)
+    assert mv(["1", "2", "3"]) == ("1", pytest.approx(1 / 3))
+
+
+def test_majority_vote_missing_answers():
+    mv = lambda a, **kw: (lambda v: (v.majority, v.p))(majority_vote(a, **kw))
+    assert mv([None, None, None, "5", "5"]) == ("5", 0.4)
+    assert mv([None, None, None, "5", "5"], none_is_answer=True) == ("None", 0.6)
+    assert mv([None, None, "5", "5"], none_is_answer=True) == ("None", 0.5)  # tie: None came first
+    assert mv([None] * 3) == (None, 0.0)
+    assert mv([None] * 3, none_is_answer=True) == ("None", 1.0)
+    assert mv([]) == (None, 0.0) and mv([], none_is_answer=True) == (None, 0.0)
+    assert mv(["", "7", "  "]) == ("7", pytest.approx(1 / 3))  # empty answers are missing answers
+    assert majority_vote(["", "7", "  "]).answers == ["", "7", "  "]  # recorded as given
+
+
+def test_solver_prompt():
     from conftest import make_tokenizer
 
     tok = make_tokenizer()
-    calls = []
-
-    def fake_generate(model, prompts, n=1, **kw):
-        calls.append((prompts, n, kw))
-        return [[sample.Completion([], [], "eos", f"\\boxed{{{i}.{j}}}") for j in range(n)] for i in range(len(prompts))]
-
-    monkeypatch.setattr(sample, "generate", fake_generate)
-    cfg = SolverConfig(top_k=40, max_new_tokens=64)
-    out = solver.sample_answers(None, tok, ["what is 1 + 1 ?", "hello world"], 3, cfg, seed=7)
-    assert out == [["\\boxed{0.0}", "\\boxed{0.1}", "\\boxed{0.2}"], ["\\boxed{1.0}", "\\boxed{1.1}", "\\boxed{1.2}"]]
-    (prompts, n, kw), = calls
-    assert n == 3 and prompts == [solver.solver_prompt(tok, "what is 1 + 1 ?"), solver.solver_prompt(tok, "hello world")]
-    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["max_new_tokens"], kw["seed"]) == (1.0, 1.0, 40, 64, 7)
-    assert kw["eos_ids"] == sample.eos_ids_of(tok)
     assert solver.solver_prompt(tok, "hello") == sample.chat_prompt(tok, solver.SOLVER_SYSTEM, "hello")
     assert "\\boxed{}" in solver.SOLVER_SYSTEM and "step by step" in solver.SOLVER_SYSTEM
 
