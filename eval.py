@@ -38,13 +38,13 @@ import string
 import sys
 from dataclasses import asdict, dataclass, field
 
-import torch
 import torch.distributed as dist
 
 import grader
 import sample
 import solver
-from model import Transformer
+from model import Transformer, check_folder
+from runtime import device_and_dtype, gather, init_distributed, rank, resolve_model, share, write_text
 
 LETTERS = string.ascii_uppercase
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
@@ -189,19 +189,14 @@ def grade(kind, response, reference):
 
 # ------------------------------------------------------------------------------------------- evaluation
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def k_of(bench, cfg):
     return cfg.k if cfg.k_only is None or any(s in bench.name for s in cfg.k_only) else 1
 
 
 def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
     """Per-problem records of one model on one benchmark (every rank returns all of them)."""
-    k, n, r = k_of(bench, cfg), len(bench.questions), rank()
-    w = dist.get_world_size() if dist.is_initialized() else 1
-    mine = range(r * n // w, (r + 1) * n // w)  # this rank's slice of the problems
+    k, r = k_of(bench, cfg), rank()
+    mine = share(len(bench.questions))  # this rank's slice of the problems
     prompts = [tokenizer.encode(f"Question: {bench.questions[i]}\n{solver.SOLVER_SYSTEM}\nAnswer:") if cfg.raw_prompt
                else solver.solver_prompt(tokenizer, bench.questions[i]) for i in mine]
     outs = sample.generate(
@@ -216,11 +211,7 @@ def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
         records.append(dict(id=i, prompt=tokenizer.decode(p), reference=bench.references[i], responses=responses,
                             answers=[a for a, _ in graded], correct=[c for _, c in graded],
                             score=sum(c for _, c in graded) / k))
-    if w > 1:
-        parts = [None] * w
-        dist.all_gather_object(parts, records)
-        records = [x for part in parts for x in part]
-    return records
+    return gather(records)
 
 
 def summarise(records, k):
@@ -265,19 +256,6 @@ def parse_config(argv=None) -> EvalConfig:
     return cfg
 
 
-def resolve_model(path):
-    if path == "toy":
-        import toy
-        if rank() == 0:
-            toy.toy_path()  # builds the toy world on first use, once
-        if dist.is_initialized():
-            dist.barrier()
-        return toy.toy_path()
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
-    return path
-
-
 def model_names(paths):
     """The shortest path suffixes that tell the models apart, e.g. iter1/solver and iter2/solver."""
     parts = [os.path.normpath(p).split(os.sep) for p in paths]
@@ -287,13 +265,6 @@ def model_names(paths):
     raise ValueError("the same --model is given twice")
 
 
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def run(cfg: EvalConfig):
     from transformers import AutoTokenizer
 
@@ -301,13 +272,13 @@ def run(cfg: EvalConfig):
     if len({b.name for b in benches}) < len(benches):
         raise ValueError("two benchmarks have the same name: " + ", ".join(b.name for b in benches))
     paths, names = [resolve_model(m) for m in cfg.model], model_names(cfg.model)
+    for p in paths:
+        check_folder(p)
     try:
         tokenizers = [AutoTokenizer.from_pretrained(p) for p in paths]
     except Exception:
         raise ValueError(f"a model folder of {', '.join(paths)} has no loadable tokenizer") from None
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else cfg.device.replace("auto", "cpu")
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16 if cuda else torch.float32
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     math = [b.name for b in benches if b.kind == "math"]
     results, records = {}, {}
     for name, path, tok in zip(names, paths, tokenizers):
@@ -327,17 +298,14 @@ def run(cfg: EvalConfig):
     md += table(results, benches, cfg, lambda r: f"{r['no_answer']}/{r['n'] * r['k']}")
     print("\n" + md)
     for (name, bench), recs in records.items():
-        write_atomic(os.path.join(cfg.out, name.replace("/", "_"), bench + ".jsonl"),
+        write_text(os.path.join(cfg.out, name.replace("/", "_"), bench + ".jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(dict(config=asdict(cfg), results=results), indent=2))
-    write_atomic(os.path.join(cfg.out, "results.md"), md + "\n")
+    write_text(os.path.join(cfg.out, "results.json"), json.dumps(dict(config=asdict(cfg), results=results), indent=2))
+    write_text(os.path.join(cfg.out, "results.md"), md + "\n")
 
 
 def main(argv=None):
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    init_distributed()
     try:
         run(parse_config(argv))
     except (ValueError, FileNotFoundError) as e:

@@ -324,16 +324,13 @@ def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) 
     losses = pretrain(model, Corpus(tokenizer, cfg), cfg, log_every)
     stats = {"config": asdict(cfg), "params": model.num_params(), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
              "build_seconds": round(time.time() - t0, 1)}
-    tmp = out_dir.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    tokenizer.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    with open(os.path.join(tmp, "toy.json"), "w") as f:
-        json.dump(stats, f, indent=2)
-    if os.path.isdir(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    from runtime import atomic
+
+    with atomic(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "toy.json"), "w") as f:
+            json.dump(stats, f, indent=2)
     return stats
 
 
@@ -367,9 +364,8 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
                      max_new_tokens: int = 192, seed: int = 0) -> dict:
     """Ground-truth accuracy of a Solver: greedy, mean@k and maj@k (sampled at `temperature`), overall and by
     difficulty. One batched call per decoding mode over all problems."""
-    import grader
     import sample
-    from solver import solver_prompt
+    from solver import majority_vote, solver_prompt
 
     prompts = [solver_prompt(tokenizer, p) for p in problems]
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer)
@@ -378,7 +374,7 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
     rows = []
     for p, g, s in zip(problems, greedy, sampled):
         answers = [_answer(c.text) for c in s]
-        maj = grader.majority_vote(answers)[0]  # the method's vote: ties go to the answer seen first
+        maj = majority_vote(answers).majority  # the method's vote: ties go to the answer seen first
         rows.append((difficulty(p), check_answer(p, g[0].text or ""),
                      sum(check_answer(p, a or "") for a in answers) / k, check_answer(p, maj or "")))
 
@@ -401,6 +397,35 @@ def question_stats(questions: list[str | None]) -> dict:
     return {"n": len(questions), "valid": len(valid) / max(1, len(questions)),
             "mean_difficulty": sum(diffs) / max(1, len(diffs)), "difficulty_hist": hist,
             "distinct": len(set(valid)) / max(1, len(valid))}
+
+
+def measure(solver_path, iteration_dir=None, problems=512, k=4, max_new_tokens=192, device="cpu",
+            dtype=torch.float32) -> dict:
+    """What the checker says of an R-Zero run at the end of an iteration, from what the run wrote: the Solver's
+    held-out accuracy (solver_path), and for an iteration the accuracy of its pseudo-labels (dataset.jsonl) and
+    what its Challenger wrote (questions.json). train.py calls it; nothing it returns trains anything."""
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+
+    model = Transformer.from_pretrained(solver_path, dtype=dtype, device=device).eval().requires_grad_(False)
+    res = heldout_accuracy(model, AutoTokenizer.from_pretrained(solver_path), heldout_problems(problems), k=k,
+                           max_new_tokens=max_new_tokens)
+    if iteration_dir:
+        with open(os.path.join(iteration_dir, "questions.json")) as f:
+            q = question_stats(json.load(f))
+        with open(os.path.join(iteration_dir, "dataset.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        res |= dict(questions=q, difficulty=q["mean_difficulty"], distinct=q["distinct"],
+                    pseudo_acc=sum(check_answer(r["problem"], r["pseudo_label"]) for r in records) / max(1, len(records)))
+    return res
+
+
+def columns(k: int) -> list:
+    """measure's numbers in train.py's summary table: (title, width, key, format)."""
+    return [("pseudo acc", 11, "pseudo_acc", "{:.3f}"), ("q difficulty", 13, "difficulty", "{:.2f}"),
+            ("q distinct", 11, "distinct", "{:.3f}"), ("greedy", 9, "greedy", "{:.3f}"),
+            (f"mean@{k}", 9, "mean_at_k", "{:.3f}")]
 
 
 def main():

@@ -179,6 +179,25 @@ def test_bad_inputs_exit_2_and_keep_old_results(tmp_path, models, capsys):
     assert (out / "results.md").read_text() == "earlier\n" and sorted(os.listdir(out)) == ["results.md"]
 
 
+@pytest.mark.parametrize("breaks, named", [
+    (lambda m: os.truncate(os.path.join(m, "model.safetensors"), 1024), "model.safetensors"),
+    (lambda m: os.remove(os.path.join(m, "config.json")), "config.json"),
+])
+def test_every_model_folder_is_checked_before_any_work(tmp_path, models, capsys, monkeypatch, breaks, named):
+    """A broken second model is found before the first one answers anything (model.check_folder)."""
+    broken = str(tmp_path / "c" / "solver")
+    shutil.copytree(models[0], broken)
+    breaks(broken)
+    calls = []
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or [])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"problem": "p", "answer": "1"}])
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", models[0], broken, "--data", good, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(BENCH is None, reason="../shared/benchmarks is not present")
 def test_real_benchmarks(tmp_path, models):
     refs = {}

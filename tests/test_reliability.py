@@ -73,11 +73,16 @@ def test_sigkill_during_checkpoint_writes_loses_nothing(world, reference, tmp_pa
     with pytest.raises(Exception):  # the torn file really is torn
         torch.load(out / "state.pt.tmp", weights_only=False)
     assert torch.load(out / "state.pt", weights_only=False)["meta"] == dict(iteration=1, phase="challenger", step=0)
-    # 2. resumes; killed with half of the Solver's model.safetensors.tmp on disk (the Challenger's export is the 1st)
+    # 2. resumes; killed with half of the Solver's model.safetensors on disk (the Challenger's export is the 1st):
+    # the export writes a temporary folder and renames it whole, so iter1/solver does not exist half-written
     r = faulty(world, out, "save_weights:2")
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "resuming iteration 1 challenger phase after step 1" in r.stdout
-    assert (out / "iter1/solver.tmp/model.safetensors.tmp").is_file() and not (out / "iter1/solver").exists()
+    torn = out / "iter1/solver.tmp/model.safetensors"
+    assert torn.is_file() and not (out / "iter1/solver").exists()
+    with pytest.raises(Exception):  # the torn file really is torn
+        load_file(torn)
+    assert (out / "iter1/challenger/model.safetensors").is_file()  # the finished export is whole
     assert torch.load(out / "state.pt", weights_only=False)["meta"] == dict(iteration=1, phase="solver", step=2)
     # 3. the plain command, with every file it opens for reading recorded
     opened, real_open, real_safe_open = [], builtins.open, safetensors.safe_open
@@ -189,7 +194,7 @@ NASTY = [
 def _every_parser(s, other):
     """Each parser and grader entry point on s; returns the slowest call's CPU seconds."""
     slowest = 0.0
-    grader._key.cache_clear()  # s is graded from scratch (then cached across these calls, as in majority_vote)
+    grader._key.cache_clear()  # s is graded from scratch (then cached across these calls, as in a majority vote)
 
     def call(fn, *args):
         nonlocal slowest
@@ -203,8 +208,11 @@ def _every_parser(s, other):
     assert q is None or (q == q.strip() and q in s and "<question>" in s)
     assert (a is None or a in s) and (b is None or b in s)
     assert isinstance(call(grader.is_equiv, s, other), bool)
-    majority, p = call(grader.majority_vote, [s, other, b, s, None])
-    assert 0.0 <= p <= 1.0 and (majority is None or isinstance(majority, str))
+    for none_is_answer in (False, True):
+        v = call(solver.majority_vote, [s, other, b, s, None], none_is_answer)
+        assert 0.0 <= v.p <= 1.0 and (v.majority is None or isinstance(v.majority, str))
+    v = call(solver.vote, [s, other, None, s], solver.SolverConfig())
+    assert 0.0 <= v.p <= 1.0 and len(v.answers) == 4
     assert call(solver.solver_reward, s, other) in (0.0, 1.0)
     return slowest
 

@@ -100,6 +100,7 @@ def test_build_loads_like_a_checkpoint(tiny_toy):
 
     path, stats = tiny_toy
     assert {"config.json", "model.safetensors", "tokenizer.json", "toy.json"} <= set(os.listdir(path))
+    assert not os.path.exists(path + ".tmp")  # written through one temporary folder, renamed whole
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert tok.decode(tok.encode("12+345=\\boxed{357}")) == "12+345=\\boxed{357}"
@@ -210,6 +211,67 @@ def test_heldout_accuracy_and_question_stats(tiny_toy):
     assert st["mean_difficulty"] == pytest.approx((1 + 1 + 5) / 3) and st["difficulty_hist"] == {1: 2, 5: 1}
 
 
+def test_heldout_accuracy_on_scripted_answers(tiny_toy, monkeypatch):
+    """greedy, mean@k and maj@k (the method's majority vote: equivalence, ties to the first answer) by hand."""
+    import sample
+    from transformers import AutoTokenizer
+
+    probs = ["What is 47 + 38?", "What is 379 * 4?", "What is 47 * 6?"]  # 85 (difficulty 1), 1516 (5), 282 (3)
+    greedy = [["\\boxed{85}"], ["\\boxed{1516}"], ["\\boxed{281}"]]
+    sampled = [["\\boxed{85}", "\\boxed{84}", "\\boxed{85.0}"],  # 2/3 right, majority 85 (85 == 85.0)
+               ["\\boxed{1516}", "\\boxed{7}", "\\boxed{7.0}"],  # 1/3 right, majority 7
+               ["\\boxed{282}", "\\boxed{1}", "no box"]]  # 1/3 right, a 1-1 tie: the first answer, 282, wins
+    calls = []
+
+    def fake(model, prompts, n=1, temperature=1.0, **kw):
+        calls.append((n, temperature))
+        rows = greedy if temperature == 0.0 else sampled
+        return [[sample.Completion([], [], "eos", t) for t in r] for r in rows]
+
+    monkeypatch.setattr(sample, "generate", fake)
+    res = toy.heldout_accuracy(None, AutoTokenizer.from_pretrained(tiny_toy[0]), probs, k=3)
+    assert calls == [(1, 0.0), (3, 1.0)]  # one greedy call and one sampled call over all problems
+    assert (res["n"], res["greedy"]) == (3, pytest.approx(2 / 3))
+    assert res["mean_at_k"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert res["maj_at_k"] == pytest.approx(2 / 3)
+    assert res["by_difficulty"] == {1: dict(n=1, greedy=1.0, mean_at_k=pytest.approx(2 / 3), maj_at_k=1.0),
+                                    3: dict(n=1, greedy=0.0, mean_at_k=pytest.approx(1 / 3), maj_at_k=1.0),
+                                    5: dict(n=1, greedy=1.0, mean_at_k=pytest.approx(1 / 3), maj_at_k=0.0)}
+
+
+def test_measure_reads_what_an_iteration_wrote(tiny_toy, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+
+    path = tiny_toy[0]
+    it = tmp_path / "iter1"
+    it.mkdir()
+    (it / "questions.json").write_text(json.dumps(["What is 1 + 2?", "What is 1 + 2?", "What is 379 * 4?", None,
+                                                   "Prove it."]))
+    records = [dict(problem="What is 1 + 2?", pseudo_label="3", p=0.5),  # right
+               dict(problem="What is 379 * 4?", pseudo_label="1515", p=0.4),  # wrong
+               dict(problem="What is 47 + 38?", pseudo_label="85.0", p=0.7)]  # right (equivalent)
+    (it / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = toy.measure(path, str(it), problems=6, k=2, max_new_tokens=4)
+    assert res["pseudo_acc"] == pytest.approx(2 / 3)
+    assert res["difficulty"] == pytest.approx((1 + 1 + 5) / 3) and res["distinct"] == pytest.approx(2 / 3)
+    assert res["questions"]["n"] == 5 and res["questions"]["valid"] == 0.6
+    # the held-out part is the Solver folder's own heldout_accuracy on the first `problems` held-out problems
+    model = Transformer.from_pretrained(path).eval()
+    direct = toy.heldout_accuracy(model, AutoTokenizer.from_pretrained(path), toy.heldout_problems(6), k=2,
+                                  max_new_tokens=4)
+    assert {k: res[k] for k in direct} == direct and res["n"] == 6
+    base = toy.measure(path, None, problems=6, k=2, max_new_tokens=4)  # the base: no iteration to read
+    assert base == direct
+    # every column of train.py's summary table is a number measure returns
+    cols = toy.columns(4)
+    assert [c[0] for c in cols][-1] == "mean@4" and toy.columns(7)[-1][0] == "mean@7"
+    assert all(k in res and isinstance(res[k], float) for _, _, k, _ in cols)
+
+
 def test_a_two_step_toy_run(tmp_path):
     """train.py on a toy world: one Challenger step and one Solver step, measured by the checker (held-out accuracy
     before and after, pseudo-label accuracy, question stats) and printed in the summary table."""
@@ -232,8 +294,15 @@ def test_a_two_step_toy_run(tmp_path):
         rows = [json.loads(line) for line in f]
     assert [(m["phase"], m.get("step")) for m in rows] == [("challenger", 0), ("dataset", None), ("solver", 0)]
     ds = rows[1]
-    assert ds["kept"] > 0 and 0 <= ds["pseudo_label_acc"] <= 1 and ds["questions"]["valid"] > 0
-    for name in ["base_eval.json", "iter1/eval.json"]:
-        with open(os.path.join(out, name)) as f:
-            assert json.load(f)["n"] == 8
+    assert ds["kept"] > 0 and ds["generated"] == 16
+    with open(os.path.join(out, "iter1", "questions.json")) as f:
+        questions = json.load(f)  # every generated question, None where unparsable
+    assert len(questions) == 16 and sum(q is None for q in questions) == ds["unparsable"]
+    with open(os.path.join(out, "base_measure.json")) as f:
+        base = json.load(f)
+    with open(os.path.join(out, "iter1", "measure.json")) as f:
+        it = json.load(f)
+    assert base["n"] == it["n"] == 8 and "pseudo_acc" not in base
+    assert 0 <= it["pseudo_acc"] <= 1 and it["questions"]["n"] == 16 and it["questions"]["valid"] > 0
+    assert it["difficulty"] == it["questions"]["mean_difficulty"] and it["distinct"] == it["questions"]["distinct"]
     assert "pseudo acc" in r.stdout and "mean@4" in r.stdout

@@ -1,6 +1,7 @@
 """train.py end to end on a hand-set bigram world (conftest.make_markov_world): outputs, transformers
 round trip, torchrun with two ranks, kill-and-resume, and user mistakes."""
 import json
+import math
 import os
 import signal
 import socket
@@ -54,7 +55,8 @@ def full_run(world, tmp_path_factory):
 
 def test_full_iteration_writes_every_output(full_run, world):
     out, r = full_run
-    for p in ["config.json", "metrics.jsonl", "iter1/dataset.jsonl", "iter1/challenger/config.json",
+    for p in ["config.json", "metrics.jsonl", "iter1/questions.json", "iter1/dataset.jsonl",
+              "iter1/challenger/config.json",
               "iter1/challenger/model.safetensors", "iter1/challenger/tokenizer.json",
               "iter1/solver/model.safetensors", "iter1/solver/tokenizer.json"]:
         assert os.path.isfile(os.path.join(out, p)), p
@@ -72,6 +74,13 @@ def test_full_iteration_writes_every_output(full_run, world):
     assert weights(os.path.join(out, "iter1/solver")) != weights(world)  # the Solver was trained
     assert weights(os.path.join(out, "iter1/challenger")) != weights(world)
     assert "chal. reward" in r.stdout  # the summary table
+    with open(os.path.join(out, "iter1/questions.json")) as f:
+        questions = json.load(f)
+    assert len(questions) == 16 and sum(q is None for q in questions) == ds["unparsable"]
+    assert {r["problem"] for r in records} <= set(questions)
+    # no world that knows the answers (no toy.json): nothing is measured
+    assert not os.path.exists(os.path.join(out, "base_measure.json")) and not os.path.exists(
+        os.path.join(out, "iter1/measure.json"))
 
 
 def test_exported_solver_loads_in_transformers(full_run):
@@ -117,7 +126,7 @@ def test_kill_and_resume_gives_the_same_models(full_run, world, tmp_path):
         assert weights(out / name) == weights(full_run[0] / name), name
     strip = lambda rows: [(m["phase"], m.get("step"), m.get("reward"), m.get("kept")) for m in rows]
     assert strip(metrics(out)) == strip(metrics(full_run[0]))
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_torchrun_two_ranks_equals_one_process(world, tmp_path):
@@ -175,3 +184,160 @@ def test_run_folder_with_other_settings_is_refused(full_run, world):
     r = run(train_cmd(world, out, "--delta", "0.1"))
     assert r.returncode == 2 and "other settings (delta)" in r.stderr and "Traceback" not in r.stderr
     assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in before}
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
+    """One name per knob: the concept configs share no field name (a clash would silently keep one default),
+    and every field of TrainConfig is a flag of the same name, booleans as --x / --no-x."""
+    import dataclasses
+
+    import challenger
+    import grpo
+    import solver
+    import train
+
+    parts = [solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOConfig]
+    assert all(issubclass(train.TrainConfig, p) for p in parts)
+    names = [f.name for p in parts for f in dataclasses.fields(p)]
+    own = [n for n in (f.name for f in dataclasses.fields(train.TrainConfig)) if n not in names]
+    assert len(set(names)) == len(names) and len(names) + len(own) == len(dataclasses.fields(train.TrainConfig))
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_text and (f.type is not bool or "--no-" + f.name.replace("_", "-") in help_text), flag
+    c = train.parse_config(["--no-filter", "--band", "code", "--reward-variant", "code", "--no-repetition-penalty",
+                            "--penalty-weight", "0.5", "--cluster-cut", "0.4", "--beta1", "0.8", "--beta2", "0.95",
+                            "--dual-clip", "0", "--m-answers", "9", "--vote-top-k", "40"])
+    assert (c.filter, c.band, c.reward_variant, c.repetition_penalty, c.penalty_weight, c.cluster_cut) == (
+        False, "code", "code", False, 0.5, 0.4)
+    assert (c.beta1, c.beta2, c.dual_clip, c.m_answers, c.vote_top_k) == (0.8, 0.95, 0.0, 9, 40)
+    assert train.parse_config(["--filter"]).filter is True
+    d = train.parse_config([])  # the toy preset over the defaults
+    assert (d.model, d.n_problems, d.solver_steps, d.filter, d.band) == ("toy", 336, 10, True, "paper")
+    assert train.parse_config(["--preset", "qwen3-4b-base"]).solver_steps == 15
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(delta=0.7), "--delta"), (dict(band="nope"), "--band"), (dict(reward_variant="x"), "--reward-variant"),
+    (dict(m_answers=0), "--m-answers"), (dict(solver_group=1), "at least 2"), (dict(dtype="float16"), "--dtype"),
+    (dict(device="tpu"), "--device"), (dict(challenger_prompts=6, updates_per_step=4), "multiples"),
+    (dict(dual_clip=1.2), "dual_clip"), (dict(loss_agg="sum"), "loss_agg"), (dict(lr=0.0), "--lr"),
+])
+def test_train_config_validates_itself(over, message):
+    import train
+
+    with pytest.raises(ValueError, match=message) as e:
+        train.TrainConfig(**over)
+    assert "\n" not in str(e.value)  # one line for the user
+    train.TrainConfig(dual_clip=0.0)  # 0 = dual-clip off is valid
+
+
+# ------------------------------------------------------------------------------------------- sampling and voting
+
+Q_A, Q_B = "what is 1 + 1 ?", "hello world"  # words of conftest's tokenizer, so their prompts differ
+CHALLENGER_TEXTS = [f"<question>{Q_A}</question>\\boxed{{2}}", "garbage", f"<question> {Q_B} </question>"]
+SOLVER_ANSWERS = {Q_A: ["\\boxed{2}", "so \\boxed{2.0}", "\\boxed{3}", "none"],  # p = 0.5: in the band
+                  Q_B: ["\\boxed{7}"] * 4}  # unanimous: out of the band
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """A train.Run on conftest's tokenizer, and sample.generate replaced by scripted Challenger and Solver text:
+    returns (run, calls, script): calls records every generate call, script["challenger"] the Challenger's texts."""
+    import sample
+    import solver
+    import train
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    c = train.TrainConfig(out_dir=str(tmp_path / "run"), m_answers=4, n_problems=6, vote_top_k=40,
+                          answer_max_new_tokens=24, challenger_max_new_tokens=12, problem_top_p=0.9, temperature=0.7)
+    os.makedirs(c.out_dir)
+    open(os.path.join(c.out_dir, "metrics.jsonl"), "w").close()
+    by_prompt = {tuple(solver.solver_prompt(tok, q)): a for q, a in SOLVER_ANSWERS.items()}
+    chal_prompt = train.challenger.challenger_prompt(tok)
+    calls, script = [], dict(challenger=CHALLENGER_TEXTS)
+
+    def fake_generate(model, prompts, n=1, **kw):
+        calls.append(dict(model=model, prompts=prompts, n=n, **kw))
+        if prompts and prompts[0] == chal_prompt:
+            texts = script["challenger"]
+            return [[sample.Completion([], [], "eos", texts[i % len(texts)])] for i in range(len(prompts))]
+        return [[sample.Completion([], [], "eos", t) for t in by_prompt[tuple(p)][:n]] for p in prompts]
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(train, "frozen", lambda run, path: ("frozen", path))  # the fake generate needs no model
+    return train.Run(c, "base", tok, torch.device("cpu"), torch.float32), calls, script
+
+
+def test_vote_is_one_batched_untruncated_call(fake_run):
+    import solver
+    import train
+
+    run, calls, _ = fake_run
+    votes = train.vote(run, "solver model", [Q_A, None, Q_B, Q_A], seed=100)
+    (call,) = calls  # one call, the unparsable question never reaches the Solver
+    assert call["model"] == "solver model" and call["n"] == 4
+    assert call["prompts"] == [solver.solver_prompt(run.tok, q) for q in (Q_A, Q_B, Q_A)]
+    assert call["seed"] == [100, 101, 102]  # question k of the valid ones is seeded seed + k
+    assert (call["temperature"], call["top_p"], call["top_k"], call["max_new_tokens"]) == (0.7, 1.0, 40, 24)
+    assert votes[1] is None and votes[0] == votes[3] == solver.vote(SOLVER_ANSWERS[Q_A], run.c)
+    assert (votes[0].majority, votes[0].p, votes[2].majority, votes[2].p) == ("2", 0.5, "7", 1.0)
+    assert train.vote(run, "solver model", [None, None], seed=0) == [None, None] and len(calls) == 1
+
+
+def test_dataset_phase_writes_questions_and_dataset_once(fake_run):
+    import train
+
+    run, calls, _ = fake_run
+    records = train.dataset_phase(run, 1, "iter1/challenger", "frozen solver")
+    chal, answers = calls
+    assert chal["model"] == ("frozen", "iter1/challenger") and chal["n"] == 1
+    assert chal["prompts"] == [train.challenger.challenger_prompt(run.tok)] * 6  # one sample per problem
+    assert chal["seed"] == [train.step_seed(run.c, 1, 4, 0) + k for k in range(6)] and chal["top_p"] == 0.9
+    assert chal["max_new_tokens"] == 12 and chal["temperature"] == 0.7
+    assert answers["model"] == "frozen solver" and answers["seed"][0] == train.step_seed(run.c, 1, 5, 0)
+    assert len(answers["prompts"]) == 4  # the 4 parsable questions
+    assert records == [dict(problem=Q_A, pseudo_label="2", p=0.5)] * 2
+    with open(run.path("iter1", "questions.json")) as f:
+        assert json.load(f) == [Q_A, None, Q_B] * 2  # all N questions, parsed and stripped
+    with open(run.path("iter1", "dataset.jsonl")) as f:
+        assert [json.loads(line) for line in f] == records
+    (row,) = metrics(run.c.out_dir)
+    assert {k: row[k] for k in ("iteration", "phase", "generated", "unparsable", "no_majority", "out_of_band",
+                                "kept")} == dict(iteration=1, phase="dataset", generated=6, unparsable=2,
+                                                 no_majority=0, out_of_band=2, kept=2)
+    assert row["p_hist"][5] == 2 and sum(row["p_hist"]) == 2
+    assert train.dataset_phase(run, 1, "iter1/challenger", "frozen solver") == records  # a re-run reads it back
+    assert len(calls) == 2 and len(metrics(run.c.out_dir)) == 1
+
+
+def test_dataset_phase_that_keeps_nothing_writes_no_dataset(fake_run):
+    import train
+
+    run, _, script = fake_run
+    script["challenger"] = ["garbage", f"<question>{Q_B}</question>"]  # unparsable, or unanimous: out of the band
+    with pytest.raises(train.NothingToTrain, match="filtered out"):
+        train.dataset_phase(run, 1, "iter1/challenger", "frozen solver")
+    assert not os.path.exists(run.path("iter1", "dataset.jsonl"))
+    assert [(m["kept"], m["unparsable"], m["out_of_band"]) for m in metrics(run.c.out_dir)] == [(0, 3, 3)]
+
+
+def test_log_replaces_a_row_of_the_same_step(fake_run):
+    """A run killed between its log row and its checkpoint re-runs that step: the row is replaced, not doubled."""
+    import train
+
+    run, _, _ = fake_run
+    for row in (dict(iteration=1, phase="challenger", step=0, reward=0.5),
+                dict(iteration=1, phase="challenger", step=1, reward=float("nan")),  # JSON has no NaN: null
+                dict(iteration=1, phase="dataset", kept=3),
+                dict(iteration=1, phase="challenger", step=1, reward=0.25)):
+        train.log(run, row)
+    assert [(m["phase"], m.get("step"), m.get("reward")) for m in metrics(run.c.out_dir)] == [
+        ("challenger", 0, 0.5), ("dataset", None, None), ("challenger", 1, 0.25)]
+    train.log(run, dict(iteration=1, phase="solver", step=0, loss=float("inf")))
+    assert metrics(run.c.out_dir)[-1]["loss"] is None

@@ -6,10 +6,12 @@ FAULT (environment):
   slow_rank1        RANK=1 is late (a slow node): it prepares the run folder once RANK=0 waits in a barrier
   raise_on_rank1:N  as slow_rank1, and rank 1's N-th challenger.challenger_rewards call raises RuntimeError
   (empty)           no fault
-Every mode audits reads: opening a *.tmp file for reading exits with code 99 (deleting a .tmp folder is no read).
+Every mode audits reads: opening a *.tmp file for reading exits with code 99 (deleting a .tmp file or folder with
+shutil.rmtree, which opens it read-only to look inside, is no read).
 """
 import io
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +24,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 import challenger  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 
 mode, _, n = os.environ.get("FAULT", "").partition(":")
@@ -45,8 +48,18 @@ def kill_self(path, keep):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def deleting():
+    """True when the open being audited comes from shutil.rmtree (it opens its argument O_RDONLY, file or folder)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename == shutil.__file__ and "rmtree" in f.f_code.co_name:
+            return True
+        f = f.f_back
+    return False
+
+
 def audit(event, args):
-    if event == "open" and is_tmp(args[0]) and not os.path.isdir(args[0]):  # rmtree of a stale folder is no read
+    if event == "open" and is_tmp(args[0]) and not os.path.isdir(args[0]) and not deleting():
         mode_, flags = args[1], args[2]
         if isinstance(mode_, str):
             reading = not any(c in mode_ for c in "wax+")
@@ -102,22 +115,22 @@ elif mode == "raise_on_rank1" and os.environ.get("RANK") == "1":
 if mode in ("slow_rank1", "raise_on_rank1"):  # rank 1 prepares the run folder once rank 0 waits in a barrier
     marker = sys.argv[sys.argv.index("--out-dir") + 1] + ".rank0-waits"
     if os.environ.get("RANK") == "0":
-        real_barrier = train.barrier
+        real_barrier = runtime.barrier
 
         def barrier():
             open(marker, "a").close()
             real_barrier()
 
-        train.barrier = barrier
+        runtime.barrier = train.barrier = barrier  # runtime.open_run_folder calls runtime's, the phases train's
     elif os.environ.get("RANK") == "1":
-        real_prepare = train.prepare_out_dir
+        real_open_run_folder = train.open_run_folder
 
-        def prepare_out_dir(c):  # the first step after init_process_group, which itself waits for every rank
+        def open_run_folder(*a, **k):  # the first step after init_process_group, which itself waits for every rank
             deadline = time.time() + 60
             while not os.path.exists(marker) and time.time() < deadline:
                 time.sleep(0.05)
-            return real_prepare(c)
+            return real_open_run_folder(*a, **k)
 
-        train.prepare_out_dir = prepare_out_dir
+        train.open_run_folder = open_run_folder
 
 train.main(sys.argv[1:])
