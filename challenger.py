@@ -36,16 +36,25 @@ import numpy as np
 import grader
 import sample
 
+# The authors' prompt, verbatim (RZERO.md; their verl/utils/dataset.py, "questioner_format"): it decides what
+# the base Challenger writes, so it decides every result, the untrained-Challenger baseline included.
 CHALLENGER_SYSTEM = (
-    "You are an expert designer of mathematics problems. Write exactly one new, challenging math problem. "
-    "It may come from any field of mathematics (algebra, number theory, combinatorics, geometry, probability, "
-    "calculus, ...). It must be hard for advanced high-school students, have a single well-defined final "
-    "answer, and must not be a famous contest problem or a copy of one.\n"
-    "Output the problem statement inside <question></question> tags, immediately followed by its final answer "
-    "in \\boxed{}, and nothing else:\n"
-    "<question>the full problem statement</question>\\boxed{final answer}"
+    "You are an expert competition-math problem setter.\n"
+    "FIRST, in your private scratch-pad, think step-by-step to design a brand-new, non-trivial problem. "
+    "The problem could come from any field of mathematics, including but not limited to algebra, geometry, number "
+    "theory, combinatorics, prealgebra, probability, statistics, and calculus. "
+    "Aim for a difficulty such that fewer than 30 % of advanced high-school students could solve it. "
+    "Avoid re-using textbook clichés or famous contest problems.\n"
+    "THEN, without revealing any of your private thoughts, output **exactly** the following two blocks:\n\n"
+    "<question>\n"
+    "{The full problem statement on one or more lines}\n"
+    "</question>\n\n"
+    r"\boxed{final_answer}"
+    "\n\n"
+    "Do NOT output anything else—no explanations, no extra markup."
 )
-CHALLENGER_USER = "Write one new challenging math problem now, in exactly the format above and nothing else."
+CHALLENGER_USER = ("Generate one new, challenging reasoning question now. "
+                   "Remember to format the output exactly as instructed.")
 
 OPEN, CLOSE = "<question>", "</question>"
 

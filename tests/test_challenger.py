@@ -4,6 +4,7 @@ challenger.py is pure: the frozen Solver's votes are built from scripted respons
 does with sampled ones), so no model runs.
 """
 import math
+import os
 import random
 import time
 
@@ -303,3 +304,48 @@ def test_challenger_prompt():
     assert ids == sample.chat_prompt(tok, ch.CHALLENGER_SYSTEM, ch.CHALLENGER_USER)
     for needle in ("<question>", "</question>", "\\boxed{", "high-school", "famous"):
         assert needle in ch.CHALLENGER_SYSTEM
+
+
+AUTHORS_SYSTEM = (  # RZERO.md, "The authors' prompts, verbatim" (their verl/utils/dataset.py, questioner_format)
+    "You are an expert competition-math problem setter.\n"
+    "FIRST, in your private scratch-pad, think step-by-step to design a brand-new, non-trivial problem. "
+    "The problem could come from any field of mathematics, including but not limited to algebra, geometry, number theory, combinatorics, prealgebra, probability, statistics, and calculus. "  # noqa: E501
+    "Aim for a difficulty such that fewer than 30 % of advanced high-school students could solve it. "
+    "Avoid re-using textbook clichés or famous contest problems.\n"
+    "THEN, without revealing any of your private thoughts, output **exactly** the following two blocks:\n\n"
+    "<question>\n"
+    "{The full problem statement on one or more lines}\n"
+    "</question>\n\n"
+    r"\boxed{final_answer}"
+    "\n\n"
+    "Do NOT output anything else—no explanations, no extra markup."
+)
+AUTHORS_USER = "Generate one new, challenging reasoning question now. Remember to format the output exactly as instructed."
+
+
+def byte_level_tokenizer(chat_template):
+    """A byte-level tokenizer with no merges: every string round-trips, so the rendered prompt can be read back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                additional_special_tokens=["<|im_start|>"])
+    t.chat_template = chat_template
+    return t
+
+
+def test_challenger_prompt_is_the_authors_verbatim_through_qwen3s_chat_template():
+    """The real-model prompt, rendered by Qwen3's own chat template (tests/data, as shipped in Qwen3 checkpoints),
+    is the authors' system and user turns character for character."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "qwen3_chat_template.jinja")) as f:
+        tok = byte_level_tokenizer(f.read())
+    ids = ch.challenger_prompt(tok)
+    assert tok.decode(ids) == (f"<|im_start|>system\n{AUTHORS_SYSTEM}<|im_end|>\n"
+                               f"<|im_start|>user\n{AUTHORS_USER}<|im_end|>\n<|im_start|>assistant\n")
+    assert ch.CHALLENGER_SYSTEM == AUTHORS_SYSTEM and ch.CHALLENGER_USER == AUTHORS_USER
+    # the prompt's own example parses as the format it asks for
+    assert ch.parse_question(AUTHORS_SYSTEM.split("two blocks:\n\n")[1]) == "{The full problem statement on one or more lines}"
