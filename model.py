@@ -85,8 +85,11 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    # op for op as transformers computes it: float32, on the CPU, then moved; so it equals theirs bit for bit
+    # (float64 then cast is an ulp off here and there, and a GPU's pow may be: a phase error that grows with
+    # the position)
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     if cfg.rope_scaling:  # llama3: stretch low frequencies by `factor`, keep high ones, interpolate between
         s = cfg.rope_scaling
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -96,7 +99,7 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
         mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    return inv_freq.float()
+    return inv_freq.to(device or torch.get_default_device())
 
 
 def apply_rope(x, cos, sin):

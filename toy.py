@@ -56,6 +56,7 @@ LEVELS = {
     4: [[(10000, 99999), (2, 9)]],   # 25379 * 4                                                      9
 }
 HELDOUT_MOD = 4  # a problem is held out iff crc32(its expression) % HELDOUT_MOD == 0
+BUILD_VERSION = 2  # in the cache key: bump when a change to model.py alters what pretraining computes
 
 
 @dataclass
@@ -203,7 +204,8 @@ def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> 
 # ---------------------------------------------------------------------------- tokenizer and corpus
 
 def build_tokenizer():
-    """One token per character, except the chat roles, the fixed prompt texts and the format tags, which are
+    """One token per character, except the chat roles, the fixed prompt texts (the authors' Challenger prompt,
+    the Solver's system turn: the toy world is prompted exactly as a real model) and the format tags, which are
     single tokens. Digits read one by one is what makes arithmetic learnable for a tiny model, and one-token
     prompts keep documents short (pretraining cost grows with their length). It is an ordinary tokenizer.json:
     transformers, sample.py and train.py use it like any other."""
@@ -340,7 +342,7 @@ def cache_key(cfg: ToyConfig) -> str:
     from solver import SOLVER_SYSTEM
 
     p = "What is 379 * 4 + 83 * 7?"
-    key = [asdict(cfg), CHALLENGER_SYSTEM, CHALLENGER_USER, SOLVER_SYSTEM, CHAT_TEMPLATE, str(LEVELS),
+    key = [BUILD_VERSION, asdict(cfg), CHALLENGER_SYSTEM, CHALLENGER_USER, SOLVER_SYSTEM, CHAT_TEMPLATE, str(LEVELS),
            challenger_completion(p), worked_solution(p)]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 

@@ -85,6 +85,20 @@ def test_llama3_rope_scaling_matters(tmp_path):
     assert max_diff(logits_of(unscaled, idx), ref) > 1e-2
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_long_sequence_matches_transformers(tmp_path, family):
+    """1,100 positions (llama: 17x its original 64, so the llama3 scaling matters): inv_freq equals
+    transformers' bit for bit, and the logits hold 1e-5. With inv_freq computed in float64 and then cast (one
+    ulp off in places) the phase error grows with the position: 2e-5 to 2.5e-4 here, at these weights
+    (initializer_range=0.3: logits up to ~12, sharp enough attention to show it)."""
+    hf = make_hf_model(tmp_path, family, initializer_range=0.3, max_position_embeddings=1200)
+    model = Transformer.from_pretrained(str(tmp_path))
+    assert torch.equal(model.inv_freq, hf.model.rotary_emb.inv_freq)
+    assert (model.config.rope_scaling is not None) == (family == "llama")
+    idx = tokens(B=1, T=1100)
+    assert max_diff(logits_of(model, idx), logits_of(hf, idx)) <= 1e-5
+
+
 def test_transformers_4x_config(ckpt, tmp_path):
     """config.json as transformers 4.x wrote it: rope_theta and rope_scaling at the top level, torch_dtype."""
     path, hf, idx, ref = ckpt

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import make_hf_model, make_tokenizer
 from model import KVCache, Transformer
-from sample import Completion, chat_prompt, eos_ids_of, generate
+from sample import BLOCK, Completion, chat_prompt, eos_ids_of, generate, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # initializer_range=0.2 gives logits of std ~1.5: peaked enough that greedy has no near-ties and top-k / top-p
@@ -76,6 +76,19 @@ def test_batch_of_different_lengths_equals_each_alone(models):
         for c in row:  # greedy: both samples of the group are the same completion
             assert c.tokens == alone.tokens
             assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_samples_do_not_depend_on_batch_or_memory_budget(models):
+    """Each job's uniforms come from its own stream: a prompt sampled alone, in a batch, or one row at a time
+    (memory_budget) gets the same completions."""
+    model, _ = models["qwen3"]
+    prompts = rand_prompts([4, 15, 8], seed=11)
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.95)
+    batched = generate(model, prompts, seed=[7, 8, 9], **kw)
+    one_row = generate(model, prompts, seed=[7, 8, 9], memory_budget=row_bytes(model, 15 + 10), **kw)
+    alone = [generate(model, [p], seed=[s], **kw)[0] for p, s in zip(prompts, [7, 8, 9])]
+    assert toks(batched) == toks(one_row) == toks(alone)
+    assert len({tuple(c.tokens) for c in batched[0]}) > 1
 
 
 def test_same_seed_same_output_different_seed_differs(models):
@@ -177,6 +190,77 @@ def test_sampled_distribution_matches_target(models, temperature, top_k, top_p):
     assert chi2 < df + 6 * math.sqrt(2 * df), (chi2, df)
     tv = 0.5 * (counts / N_DRAWS - target).abs().sum().item()
     assert tv < 0.03, tv
+
+
+# ---------------------------------------------------------------- the inverse CDF is exact
+
+
+def old_sample_next(logits, u):
+    """The float32 inverse CDF sample.py used before issue #15 (the reference that fails), with its uniforms:
+    torch.rand in float32, multiples of 2^-24."""
+    cdf = F.log_softmax(logits, -1).exp().cumsum(-1)  # (B, V), float32 running sum
+    total = cdf[:, -1:]
+    t = ((u * 2**24).floor() / 2**24).float()[:, None] * total
+    return torch.searchsorted(cdf, torch.minimum(t, total * (1 - 2**-23)), right=True).squeeze(-1)
+
+
+def mass_below(draw, logits, cuts, bits=53):
+    """P(token < c) of an inverse-CDF sampler draw(logits (B, V), u (B,)) for each cut c, exactly: the token is a
+    non-decreasing function of u, so P(token < c) is the u at which it reaches c, found by bisection."""
+    cuts = torch.as_tensor(cuts)
+    lo, hi = torch.zeros(len(cuts), dtype=torch.float64), torch.ones(len(cuts), dtype=torch.float64)
+    rows = logits.repeat(len(cuts), 1)  # contiguous: log_softmax over an expanded view is ~3x slower
+    for _ in range(bits):  # to 2^-bits: 53 is all of a float64 u
+        mid = (lo + hi) / 2
+        below = draw(rows, mid) < cuts
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return hi
+
+
+def test_inverse_cdf_draws_every_token_exactly():
+    """A Qwen-sized vocabulary: 64 likely tokens at random places and 151,872 of ~6.6e-9 each (1e-3 in all). The
+    old float32 running sum rounds each token's interval to whole ulps of the sum before it (6e-8 past the
+    first likely token) and its u lies on a 2^-24 grid: most tail tokens could never be drawn, the others got
+    ~9x their probability. Measured exactly, token by token, on 2 runs of 8 consecutive tokens: relative error
+    old ~8 (and 1: undrawable), new ~1e-6. The tolerance, 1e-5, is the float32 rounding of the log-probs the
+    sampler is given (|log p| ~ 19 here, whose ulp is 1.9e-6)."""
+    V = 151_936
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    head = torch.randperm(V, generator=g)[:64]
+    p[head] = 0.0
+    p *= 1e-3 / p.sum()  # the tail: 1e-3 in all, each token < 1e-8
+    e = -torch.rand(64, generator=g, dtype=torch.float64).log()
+    p[head] = (1 - 1e-3) * e / e.sum()  # the head: a flat Dirichlet draw
+    logits = p.log().float()[None]
+    ref = logits.double().softmax(-1)[0]  # what the sampler is asked to draw from
+    starts = torch.randint(V // 8, V - 9, (2,), generator=g)  # past the first likely token, most likely
+    cuts = (starts[:, None] + torch.arange(9)).flatten()  # P(token < c) at 2 x 9 cuts: 2 x 8 token masses
+    want = ref[(starts[:, None] + torch.arange(8)).flatten()]
+    rel = {}
+    new = lambda x, u: sample_next(x, 1.0, 1.0, 0, u)[0]
+    for name, draw, bits in (("old", old_sample_next, 40), ("new", new, 53)):  # old: its u has 24 bits
+        got = mass_below(draw, logits, cuts, bits).view(2, 9).diff(dim=-1).flatten()  # (16,) token masses
+        rel[name] = ((got - want).abs() / want).max().item()
+    assert rel["old"] > 0.5, rel  # the old sampler fails the tolerance by five orders of magnitude
+    assert rel["new"] < 1e-5, rel
+
+
+def test_inverse_cdf_never_draws_weight_zero():
+    """u at 0, at the largest double below 1, at 1 and on a grid, on a vocabulary of whole and partial blocks with
+    most tokens cut (-inf): every draw has weight > 0, and each kept token's mass is its probability."""
+    V = 3 * BLOCK + 17  # the last block is padding but for 17 tokens
+    keep = torch.tensor([1, 5, BLOCK - 1, BLOCK, 2 * BLOCK + 3, V - 17, V - 2])
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, keep] = torch.linspace(-3, 2, len(keep))
+    u = torch.cat([torch.tensor([0.0, 1 - 2**-53, 1.0], dtype=torch.float64),  # 1.0 is out of contract, clamped
+                   torch.linspace(0, 1 - 1e-9, 999, dtype=torch.float64)])
+    tok, lp = sample_next(logits.expand(len(u), V), 1.0, 1.0, 0, u)
+    assert torch.isin(tok, keep).all() and tok[0] == keep[0] and tok[1] == tok[2] == keep[-1]
+    assert torch.equal(lp, F.log_softmax(logits[0], -1)[tok])
+    got = mass_below(lambda x, v: sample_next(x, 1.0, 1.0, 0, v)[0], logits, keep + 1)
+    want = logits[0, keep].double().softmax(-1).cumsum(0)
+    assert (got - want).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------- the group shares one prefill
