@@ -387,6 +387,8 @@ def _key(answer):
     if len(answer) > MAX_INPUT:
         s = answer.strip()
         return s, ("=", s, None)
+    if "\\boxed" in answer or "\\fbox" in answer:  # a whole response, or a boxed answer: compare what is boxed
+        answer = extract_boxed(answer) or ""
     s = _normalise(answer)
     return s, _tree(s)
 

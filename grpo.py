@@ -57,7 +57,9 @@ class GRPOConfig:
     dual_clip: float = 3.0           # cap of -A * ratio for A < 0; 0 = off
     kl_coef: float = 0.01
     kl_clamp: float = 10.0
-    loss_agg: str = "token_mean"     # "token_mean" | "seq_mean_token_mean" | "constant"
+    # "token_mean" | "seq_mean_token_mean" | "constant". The authors' Solver ran micro-batch 1 with a token mean per
+    # micro-batch, so its update was in effect "seq_mean_token_mean" (their Challenger: micro-batch 2, in between)
+    loss_agg: str = "token_mean"
     max_len_norm: int = 4096         # the constant of loss_agg="constant" (the max response length)
     grad_clip: float = 1.0
     micro_batch: int = 8             # sequences per forward/backward

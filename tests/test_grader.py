@@ -241,3 +241,10 @@ def test_is_answer():
         assert is_answer(a), a
     for a in [None, "", "   ", "$ $", "\\text{}", "\\,", 5, ["5"]]:  # missing, blank, or nothing left after normalising
         assert not is_answer(a), a
+
+
+def test_a_raw_response_is_compared_by_what_it_boxes():
+    assert is_equiv("\\boxed{7}", "7") and is_equiv("7", "\\boxed{7}")
+    assert is_equiv("so the answer is $\\boxed{\\frac{1}{2}}$.", "0.5")
+    assert not is_equiv("\\boxed{8}", "7") and not is_equiv("\\boxed{}", "7")
+    assert is_equiv("first \\boxed{3}, then \\boxed{7}", "7")  # the last box, as extract_boxed reads it
