@@ -1,4 +1,4 @@
-"""
+r"""
 Evaluation: checkpoints side by side on the paper's benchmarks, in a table like the paper's.
 
     python eval.py --model toy --model runs/toy/iter3/solver --data toy
@@ -6,28 +6,36 @@ Evaluation: checkpoints side by side on the paper's benchmarks, in a table like 
     python eval.py --model M1 --model M2 --data benchmarks/ --k 32 --k-only amc aime   # the paper's protocol
     torchrun --nproc_per_node=8 eval.py --model M1 --model M2 --data benchmarks/         # data-parallel
 
-Rows are models, columns are benchmarks and MATH AVG (the mean over the math benchmarks). Under --out:
-results.md, results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses, extracted answers,
-reference, per-sample correctness), written through temporary files once everything is evaluated, so a
-failed run overwrites nothing.
+Rows are models; columns are benchmarks, MATH AVG (the mean over the math ones) and, if there are any,
+GENERAL AVG (the mean over MMLU-Pro, SuperGPQA, BBEH; they never enter MATH AVG). Under --out: results.md,
+results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses, extracted answers, reference,
+per-sample correctness), written through temporary files once all is evaluated: a failed run overwrites
+nothing. One batched sample.generate call per benchmark; under torchrun each rank answers its slice.
 
-Protocol (RZERO.md, "Evaluation"): the Solver prompt through the chat template (solver.solver_prompt; raw
-"Question: ...\\nAnswer:" text with --raw-prompt), up to 4096 new tokens, greedy pass@1; `--k K` reports mean@K,
-the fraction correct over K sampled responses (the paper reports AMC and AIME as mean@32, the rest greedy:
---k-only). One batched sample.generate call per benchmark; under torchrun each rank answers its slice.
+Protocol (RZERO.md, "Evaluation"; the authors' evaluation/*.py). Math: the Solver prompt through the chat
+template (solver.solver_prompt; "Question: ...\nAnswer:" text with --raw-prompt), up to 4096 new tokens,
+greedy pass@1; `--k K` reports mean@K, the fraction correct over K sampled responses (the paper: AMC, AIME
+mean@32, the rest greedy: --k-only). General: a user turn alone through the chat template ("user: ..." text
+without one, or with --raw-prompt), up to 8192 new tokens (--general-max-new-tokens), greedy: multiple choice
+question + "\nOptions are:\n(A): ...\n(B): ...\n\n\n" + CHOICE_INSTRUCTION ("the letter" for SuperGPQA), BBEH
+question + "\n\n" + REASON.
 
 Benchmarks: JSON Lines files (a folder = its *.jsonl; name = file name less .test.jsonl) or `toy`, the toy
-world's held-out problems (toy.heldout_problems, reference toy.solve). Fields (override: --question-field,
---answer-field): question = problem | question; reference = answer (a string, a number like AMC23's 27.0,
-or a GSM8K solution ending `#### 18`) | final_answer (OlympiadBench's list: one answer in parts, joined by
-", ") | the last \\boxed{} of solution (Minerva). Multiple choice (MMLU-Pro, SuperGPQA) is detected by an
-options / choices list: the prompt lists "A. ...", the reference is answer_letter | answer_index | answer
-(a letter, or the option's text), the response's letter is read from its last \\boxed{} (B, (B), \\text{B}, B. x).
+world's held-out problems (reference toy.solve). Question = problem | question (or --question-field). Kind,
+from the first row: "choice" if it has an options / choices list, else "bbeh" if the name contains "bbeh" or
+the row has a `task` field (MrLight/bbeh-eval: question, answer, task), else "math". Reference (or --answer-field):
+- math: answer (a string, a number like AMC23's 27.0, or GSM8K's `#### 18`) | final_answer (OlympiadBench's
+  list: one answer in parts, joined by ", ") | the last \boxed{} of solution (Minerva); grader.is_equiv.
+- choice: answer_letter | answer_index | answer (a letter, or the option's text); the letter is read from the
+  response's last \boxed{} (B, (B), \text{B}, B. x).
+- bbeh: answer, matched as eval_bbeh.py does (extract_free, fuzzy_match).
 
-Departures from the authors' evaluation: mean@k samples for real (temperature 0.6, top-p 0.95: Qwen3's
-recommended settings; their "mean@32" repeated greedy decoding); answers are checked by grader.is_equiv
-alone, no LLM judge; a response without a choice letter is wrong and counted as "no answer", never given a
-random letter.
+Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended
+settings; their "mean@32" repeated greedy decoding); no LLM judge re-checks math answers; the choice letter
+is the box's own (theirs: the first of A-J in it, so \boxed{Because} is B), and without one the response is
+wrong ("no answer"), never given a random letter; with no chat template the prompt is the same turn as text
+(their text said "the letter" for MMLU-Pro, and gave BBEH the multiple-choice sentence); a BBEH "The answer
+is:" line may end the response.
 """
 import argparse
 import glob
@@ -47,7 +55,9 @@ from model import Transformer, check_folder
 from runtime import device_and_dtype, gather, init_distributed, rank, resolve_model, share, write_text
 
 LETTERS = string.ascii_uppercase
-CHOICE_INSTRUCTION = "Answer with the letter of the correct option."
+REASON = "Please reason step by step, and put your final answer option within \\boxed{}."  # the authors' words
+CHOICE_INSTRUCTION = REASON + (" Only put the option letter in the box, e.g. \\boxed{A}."
+                               " There is only one correct answer.")
 RAW_STOP = "\nQuestion:"  # a base model on a raw prompt goes on to invent the next question
 
 
@@ -60,7 +70,8 @@ class EvalConfig:
     k_only: list | None = None  # name substrings of the benchmarks that use --k (the rest greedy); None = all
     temperature: float = 0.6  # used when k > 1
     top_p: float = 0.95
-    max_new_tokens: int = 4096
+    max_new_tokens: int = 4096  # math
+    general_max_new_tokens: int = 8192  # multiple choice and BBEH, as the authors
     raw_prompt: bool = False  # "Question: ...\nAnswer:" for base models without a chat template
     question_field: str | None = None
     answer_field: str | None = None
@@ -74,8 +85,8 @@ class EvalConfig:
 @dataclass
 class Benchmark:
     name: str
-    kind: str  # "math" | "choice"
-    questions: list  # the user turn shown to the model (options included)
+    kind: str  # "math" | "choice" | "bbeh" (the last two: general domain)
+    questions: list  # math: the problem; general: the whole user turn (options and instruction included)
     references: list  # answer strings, or option letters
 
 
@@ -129,16 +140,23 @@ def load_benchmark(path, cfg: EvalConfig) -> Benchmark:
         problems = toy.heldout_problems(cfg.limit or 512)
         return Benchmark("toy", "math", problems, [str(toy.solve(p)) for p in problems])
     rows = read_jsonl(path)[: cfg.limit or None]
-    kind = "choice" if any(isinstance(rows[0].get(f), list) for f in ("options", "choices")) else "math"
-    bench = Benchmark(re.sub(r"(\.test)?\.jsonl$", "", os.path.basename(path)), kind, [], [])
+    name = re.sub(r"(\.test)?\.jsonl$", "", os.path.basename(path))
+    kind = ("choice" if any(isinstance(rows[0].get(f), list) for f in ("options", "choices")) else
+            "bbeh" if "bbeh" in name.lower() or "task" in rows[0] else "math")
+    bench = Benchmark(name, kind, [], [])
+    say = CHOICE_INSTRUCTION.replace("option letter", "letter") if "supergpqa" in name.lower() else CHOICE_INSTRUCTION
     for i, row in enumerate(rows, 1):
         where = f"{path} line {i}"
         q = row[pick(row, ("problem", "question"), cfg.question_field, "question", where)]
-        if kind == "choice":
+        if kind == "choice":  # the authors' form_options, then their instruction
             options = row[pick(row, ("options", "choices"), None, "options", where)]
             a = pick(row, ("answer_letter", "answer_index", "answer"), cfg.answer_field, "answer", where)
             ref = choice_reference(row[a], options)
-            q = f"{q}\n\n" + "".join(f"{L}. {o}\n" for L, o in zip(LETTERS, options)) + CHOICE_INSTRUCTION
+            q = f"{q}\nOptions are:\n" + "".join(f"({L}): {o}\n" for L, o in zip(LETTERS, options)) + f"\n\n{say}"
+        elif kind == "bbeh":
+            a = pick(row, ("answer",), cfg.answer_field, "answer", where)
+            ref = str(row[a]).strip() if isinstance(row[a], (str, int, float)) else None
+            q = f"{q}\n\n{REASON}"
         else:
             a = pick(row, ("answer", "final_answer", "solution"), cfg.answer_field, "answer", where)
             ref = math_reference(row[a], a)
@@ -178,11 +196,46 @@ def extract_choice(text):
     return m[1].upper() if m else None
 
 
+_PREFIXES = ("The answer is:", "The final answer is ", "The final answer is: ", "The answer is ")
+
+
+def extract_free(text):
+    """BBEH's answer as eval_bbeh.py reads it: the last \\boxed{} (else "Final Answer:", else "The answer is:"
+    line), after any answer prefix, unwrapped ($, \\boxed, \\text), lowercased, ", " -> ","; None if none."""
+    lines = re.findall(r"Final Answer:([^\n]*)", text) or re.findall(r"The answer is:([^\n]*)", text)
+    ans = (grader.extract_boxed(text) or (lines[-1] if lines else "")).strip()
+    for prefix in _PREFIXES:
+        ans = ans.split(prefix)[-1].strip()
+    ans = ans.removesuffix(".")
+    ans = ans[1:-1] if ans[:1] == ans[-1:] == "$" else ans
+    for wrapper in ("boxed{", "text{", "texttt{"):
+        if wrapper in ans and ans.endswith("}"):
+            ans = ans[:-1].split(wrapper)[1]
+    ans = ans.lower().replace(", ", ",").replace("**", "").split("\n")[0].removesuffix(".")
+    return ans or None
+
+
+def fuzzy_match(pred, ref):
+    """eval_bbeh.py's match: equal; (a) vs a; equal numbers; equal without quotes; [x] vs x; a trailing "?"."""
+    for a, b in ((pred, ref), (ref, pred)):
+        if a != b and len(a) == 3 and a[0] + a[-1] == "()":  # (a) vs a: decides alone
+            return a[1] == b
+    try:
+        number = float(pred) == float(ref)
+    except ValueError:
+        number = False
+    return (pred == ref or number or pred.replace("'", "") == ref.replace("'", "") or f"[{ref}]" == pred
+            or f"[{pred}]" == ref or pred.endswith("?") and pred[:-1] == ref)
+
+
 def grade(kind, response, reference):
     """(extracted answer, correct)."""
     if kind == "choice":
         letter = extract_choice(response)
         return letter, letter == reference
+    if kind == "bbeh":
+        ans = extract_free(response)
+        return ans, ans is not None and fuzzy_match(ans, reference.strip().lower().replace(", ", ","))
     ans = grader.extract_boxed(response)
     return ans, ans is not None and grader.is_equiv(ans, reference)
 
@@ -193,16 +246,29 @@ def k_of(bench, cfg):
     return cfg.k if cfg.k_only is None or any(s in bench.name for s in cfg.k_only) else 1
 
 
+def prompt_ids(tokenizer, kind, question, raw=False):
+    """Math: the Solver prompt. General: the authors' user turn alone, via the chat template, else "user: ..."."""
+    if kind == "math":
+        raw_text = f"Question: {question}\n{solver.SOLVER_SYSTEM}\nAnswer:"
+        return tokenizer.encode(raw_text) if raw else solver.solver_prompt(tokenizer, question)
+    text = "user: " + question
+    if getattr(tokenizer, "chat_template", None) and not raw:
+        msgs = [{"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
     """Per-problem records of one model on one benchmark (every rank returns all of them)."""
     k, r = k_of(bench, cfg), rank()
     mine = share(len(bench.questions))  # this rank's slice of the problems
-    prompts = [tokenizer.encode(f"Question: {bench.questions[i]}\n{solver.SOLVER_SYSTEM}\nAnswer:") if cfg.raw_prompt
-               else solver.solver_prompt(tokenizer, bench.questions[i]) for i in mine]
+    prompts = [prompt_ids(tokenizer, bench.kind, bench.questions[i], cfg.raw_prompt) for i in mine]
+    math = bench.kind == "math"
     outs = sample.generate(
-        model, prompts, n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if k > 1 else 0.0,
-        top_p=cfg.top_p if k > 1 else 1.0, eos_ids=sample.eos_ids_of(tokenizer),
-        stop_strings=(RAW_STOP,) if cfg.raw_prompt else (), tokenizer=tokenizer, seed=cfg.seed + 1000 * r,
+        model, prompts, n=k, max_new_tokens=cfg.max_new_tokens if math else cfg.general_max_new_tokens,
+        temperature=cfg.temperature if k > 1 else 0.0, top_p=cfg.top_p if k > 1 else 1.0,
+        eos_ids=sample.eos_ids_of(tokenizer), stop_strings=(RAW_STOP,) if cfg.raw_prompt and math else (),
+        tokenizer=tokenizer, seed=cfg.seed + 1000 * r,
         memory_budget=int(cfg.memory_budget_gb * 2**30), progress=r == 0) if prompts else []
     records = []
     for i, p, row in zip(mine, prompts, outs):
@@ -219,12 +285,12 @@ def summarise(records, k):
                 no_answer=sum(a is None for r in records for a in r["answers"]))
 
 
-def table(results, benches, cfg, cell, avg=False):
-    """Markdown: a row per model, a column per benchmark (and MATH AVG)."""
-    cols = [b.name + (f" (mean@{k_of(b, cfg)})" if k_of(b, cfg) > 1 else "") for b in benches] + ["MATH AVG"] * avg
+def table(results, benches, cfg, cell, avgs=()):
+    """Markdown: a row per model, a column per benchmark (and the averages `avgs`, e.g. MATH AVG)."""
+    cols = [b.name + (f" (mean@{k_of(b, cfg)})" if k_of(b, cfg) > 1 else "") for b in benches] + list(avgs)
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, res in results.items():
-        row = [cell(res[b.name]) for b in benches] + [f"{res['MATH AVG']:.2f}"] * avg
+        row = [cell(res[b.name]) for b in benches] + [f"{res[a]:.2f}" for a in avgs]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -241,7 +307,8 @@ def parse_config(argv=None) -> EvalConfig:
     ap.add_argument("--k-only", nargs="+", help="only benchmarks whose name contains one of these use --k")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="for k > 1")
     ap.add_argument("--top-p", type=float, default=d.top_p, help="for k > 1")
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="math benchmarks")
+    ap.add_argument("--general-max-new-tokens", type=int, default=d.general_max_new_tokens, help="choice, BBEH")
     ap.add_argument("--raw-prompt", action="store_true", help="'Question: ...' text instead of the chat template")
     ap.add_argument("--question-field")
     ap.add_argument("--answer-field")
@@ -251,8 +318,10 @@ def parse_config(argv=None) -> EvalConfig:
     ap.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--memory-budget-gb", type=float, default=d.memory_budget_gb)
     cfg = EvalConfig(**vars(ap.parse_args(argv)))
-    if cfg.k < 1 or cfg.max_new_tokens < 1 or cfg.limit < 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError("need --k >= 1, --max-new-tokens >= 1, --limit >= 0, --temperature > 0, 0 < --top-p <= 1")
+    if min(cfg.k, cfg.max_new_tokens, cfg.general_max_new_tokens) < 1 or cfg.limit < 0 or cfg.temperature <= 0 \
+            or not 0 < cfg.top_p <= 1:
+        raise ValueError("need --k, --max-new-tokens, --general-max-new-tokens >= 1, --limit >= 0, --temperature > 0,"
+                         " 0 < --top-p <= 1")
     return cfg
 
 
@@ -279,7 +348,9 @@ def run(cfg: EvalConfig):
     except Exception:
         raise ValueError(f"a model folder of {', '.join(paths)} has no loadable tokenizer") from None
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
-    math = [b.name for b in benches if b.kind == "math"]
+    groups = {"MATH AVG": [b.name for b in benches if b.kind == "math"],  # general benchmarks never enter it
+              "GENERAL AVG": [b.name for b in benches if b.kind != "math"]}
+    avgs = [avg for avg, members in groups.items() if members]
     results, records = {}, {}
     for name, path, tok in zip(names, paths, tokenizers):
         model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
@@ -289,11 +360,12 @@ def run(cfg: EvalConfig):
             results[name][b.name] = s = summarise(records[name, b.name], k_of(b, cfg))
             if rank() == 0:
                 print(f"{name} on {b.name}: {s['score']:.2f} (n={s['n']}, k={s['k']}, no answer {s['no_answer']})")
-        results[name]["MATH AVG"] = sum(results[name][b]["score"] for b in math) / len(math) if math else None
+        for avg, members in groups.items():
+            results[name][avg] = sum(results[name][b]["score"] for b in members) / len(members) if members else None
         del model
     if rank() != 0:
         return
-    md = table(results, benches, cfg, lambda r: f"{r['score']:.2f}", avg=bool(math))
+    md = table(results, benches, cfg, lambda r: f"{r['score']:.2f}", avgs)
     md += "\n\nResponses without an extracted answer (counted wrong):\n\n"
     md += table(results, benches, cfg, lambda r: f"{r['no_answer']}/{r['n'] * r['k']}")
     print("\n" + md)

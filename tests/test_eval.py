@@ -1,4 +1,5 @@
-"""eval.py: benchmark parsing, grading, the results table and files, mean@k, user errors. Tiny model, CPU."""
+"""eval.py: benchmark parsing, grading, the results table and files, mean@k, the general-domain benchmarks
+(kinds, the authors' prompts, BBEH's matching, GENERAL AVG), user errors. Tiny model, CPU."""
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import pytest
 import eval as ev
 import sample
 import toy
-from conftest import make_hf_model, make_tokenizer
+from conftest import CHAT_TEMPLATE, make_hf_model, make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIRS = [os.path.join(REPO, "..", "shared", "benchmarks"), "/work/shared/benchmarks"]
@@ -88,10 +89,11 @@ def test_table_and_per_problem_files(tmp_path, models, scripted):
     assert res["a/solver"]["mc"] == dict(score=50.0, n=4, k=1, no_answer=1)
     assert res["a/solver"]["toy"] == dict(score=40.0, n=5, k=1, no_answer=0)
     assert res["a/solver"]["MATH AVG"] == pytest.approx(50.0)  # mixed and toy; multiple choice is not math
-    assert res["b/solver"]["MATH AVG"] == pytest.approx(10.0)
+    assert res["b/solver"]["MATH AVG"] == pytest.approx(10.0) and res["b/solver"]["GENERAL AVG"] == 100.0
     md = read(os.path.join(out, "results.md")).splitlines()
-    assert md[0] == "| model | mixed | mc | toy | MATH AVG |"
-    assert md[2:4] == ["| a/solver | 60.00 | 50.00 | 40.00 | 50.00 |", "| b/solver | 20.00 | 100.00 | 0.00 | 10.00 |"]
+    assert md[0] == "| model | mixed | mc | toy | MATH AVG | GENERAL AVG |"
+    assert md[2:4] == ["| a/solver | 60.00 | 50.00 | 40.00 | 50.00 | 50.00 |",
+                       "| b/solver | 20.00 | 100.00 | 0.00 | 10.00 | 100.00 |"]
     assert "| a/solver | 1/5 | 1/4 | 0/5 |" in md
     rows = read(os.path.join(out, "a_solver", "mixed.jsonl"))
     assert [r["reference"] for r in rows] == [ref for _, ref in MIXED]
@@ -117,7 +119,8 @@ def test_field_overrides_and_errors(tmp_path):
     b = ev.load_benchmark(path, cfg)
     assert (b.name, b.kind, b.questions, b.references) == ("bbh", "math", ["2+2?"], ["4"])
     b = ev.load_benchmark(write_jsonl(tmp_path / "mc.jsonl", MC), ev.EvalConfig())
-    assert b.kind == "choice" and b.questions[0] == "q1\n\nA. x\nB. y\nC. z\n" + ev.CHOICE_INSTRUCTION
+    assert b.kind == "choice"
+    assert b.questions[0] == "q1\nOptions are:\n(A): x\n(B): y\n(C): z\n\n\n" + ev.CHOICE_INSTRUCTION  # authors' form
     with pytest.raises(ValueError, match="no answer field"):
         ev.load_benchmark(write_jsonl(tmp_path / "x.jsonl", [{"problem": "p", "solution": None}]), ev.EvalConfig())
     with pytest.raises(ValueError, match="reference"):  # a worked solution without a boxed answer
@@ -196,6 +199,117 @@ def test_every_model_folder_is_checked_before_any_work(tmp_path, models, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
     assert calls == [] and not (tmp_path / "out").exists()
+
+
+# The authors' instructions (evaluation/eval_mmlupro.py, eval_supergpqa.py, eval_bbeh.py), written out here
+AUTHORS_BBEH = "Please reason step by step, and put your final answer option within \\boxed{}."
+AUTHORS_MC = AUTHORS_BBEH + " Only put the option letter in the box, e.g. \\boxed{A}. There is only one correct answer."
+AUTHORS_SUPERGPQA = AUTHORS_MC.replace("option letter", "letter")
+BBEH = [  # row, response, extracted answer, correct
+    ({"question": "Which?", "answer": "a", "task": "t1"}, "so \\boxed{(A)}", "(a)", True),
+    ({"question": "n?", "answer": "3", "task": "t2"}, "\\boxed{3.0}", "3.0", True),
+    ({"question": "l?", "answer": "x", "task": "t2"}, "\\boxed{[x]}", "[x]", True),
+    ({"question": "y?", "answer": "Yes", "task": "t3"}, "\\boxed{no}", "no", False),
+    ({"question": "tf?", "answer": "True, False", "task": "t3"}, "The answer is: **True, False**.", "true,false", True),
+    ({"question": "c?", "answer": "(B)", "task": "t1"}, "I cannot tell", None, False),
+]
+MMLU_PRO = [{"question": "What is 2+2?", "options": ["1", "2", "4", "8"], "answer": "C", "answer_index": 2,
+             "category": "math"},
+            {"question": "Capital of France?", "options": ["Rome", "Paris"], "answer": "B", "answer_index": 1,
+             "category": "other"}]
+
+
+def byte_level_tokenizer(chat_template=None):
+    """A byte-level tokenizer with no merges: every string round-trips, so a rendered prompt can be read back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                additional_special_tokens=["<|im_start|>"])
+    t.chat_template = chat_template
+    return t
+
+
+def test_general_benchmarks_have_their_own_average(tmp_path, models, scripted):
+    """BBEH and MMLU-Pro beside a math set: neither enters MATH AVG; GENERAL AVG is their mean; 8192 tokens."""
+    from transformers import AutoTokenizer
+
+    script, calls = scripted
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "r", "answer": "#### 3"},
+                                               {"question": "s", "answer": "#### 4"}])
+    bbeh = write_jsonl(tmp_path / "bbeh.jsonl", [row for row, *_ in BBEH])
+    mmlu = write_jsonl(tmp_path / "mmlu_pro.jsonl", MMLU_PRO)
+    script += [[["\\boxed{3}"], ["\\boxed{5}"]], [[r] for _, r, *_ in BBEH], [["\\boxed{C}"], ["\\boxed{A}"]]]
+    out = str(tmp_path / "out")
+    ev.main(["--model", models[0], "--data", gsm, bbeh, mmlu, "--out", out])
+    assert [c["max_new_tokens"] for c in calls] == [4096, 8192, 8192] and {c["n"] for c in calls} == {1}
+    res = json.loads(read(os.path.join(out, "results.json")))["results"]["solver"]
+    assert res["bbeh"] == dict(score=pytest.approx(400 / 6), n=6, k=1, no_answer=1)
+    assert res["mmlu_pro"]["score"] == 50.0 and res["gsm"]["score"] == 50.0
+    assert res["MATH AVG"] == 50.0  # gsm alone
+    assert res["GENERAL AVG"] == pytest.approx((400 / 6 + 50.0) / 2)
+    md = read(os.path.join(out, "results.md")).splitlines()
+    assert md[0] == "| model | gsm | bbeh | mmlu_pro | MATH AVG | GENERAL AVG |"
+    assert md[2] == "| solver | 50.00 | 66.67 | 50.00 | 50.00 | 58.33 |"
+    assert "| solver | 0/2 | 1/6 | 0/2 |" in md
+    rows = read(os.path.join(out, "solver", "bbeh.jsonl"))
+    assert [r["answers"][0] for r in rows] == [a for *_, a, _ in BBEH]
+    assert [r["correct"][0] for r in rows] == [c for *_, c in BBEH]
+    # what the model was given: the user turn alone, through the checkpoint's chat template
+    tok = AutoTokenizer.from_pretrained(models[0])
+    turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    mc = "What is 2+2?\nOptions are:\n(A): 1\n(B): 2\n(C): 4\n(D): 8\n\n\n" + AUTHORS_MC
+    assert calls[2]["prompts"][0] == tok.encode(turn.format(mc), add_special_tokens=False)
+    assert calls[1]["prompts"][0] == tok.encode(turn.format("Which?\n\n" + AUTHORS_BBEH), add_special_tokens=False)
+    assert "system" not in tok.decode(calls[1]["prompts"][0]) and "system" in tok.decode(calls[0]["prompts"][0])
+
+
+def test_general_prompts_are_the_authors_character_for_character(tmp_path):
+    mmlu = ev.load_benchmark(write_jsonl(tmp_path / "mmlu_pro.test.jsonl", MMLU_PRO), ev.EvalConfig())
+    sgpqa = ev.load_benchmark(write_jsonl(tmp_path / "SuperGPQA.jsonl", [
+        {"question": "Pick", "options": ["u", "v"], "answer": "v", "answer_letter": "B"}]), ev.EvalConfig())
+    bbeh = ev.load_benchmark(write_jsonl(tmp_path / "bbeh.jsonl", [row for row, *_ in BBEH]), ev.EvalConfig())
+    assert (mmlu.kind, sgpqa.kind, bbeh.kind) == ("choice", "choice", "bbeh")
+    authors = [(mmlu, "What is 2+2?\nOptions are:\n(A): 1\n(B): 2\n(C): 4\n(D): 8\n\n\n" + AUTHORS_MC),
+               (sgpqa, "Pick\nOptions are:\n(A): u\n(B): v\n\n\n" + AUTHORS_SUPERGPQA),
+               (bbeh, "Which?\n\n" + AUTHORS_BBEH)]
+    templated, plain = byte_level_tokenizer(CHAT_TEMPLATE), byte_level_tokenizer()
+    qwen3 = os.path.join(REPO, "tests", "data", "qwen3_chat_template.jinja")  # Qwen3's own, where present
+    qwen3 = byte_level_tokenizer(open(qwen3).read()) if os.path.isfile(qwen3) else templated
+    for b, text in authors:
+        for tok in (templated, qwen3):
+            assert tok.decode(ev.prompt_ids(tok, b.kind, b.questions[0])) == (
+                f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"), b.name
+        assert plain.decode(ev.prompt_ids(plain, b.kind, b.questions[0])) == "user: " + text  # no template
+        assert templated.decode(ev.prompt_ids(templated, b.kind, b.questions[0], raw=True)) == "user: " + text
+    assert templated.decode(ev.prompt_ids(templated, "math", "p")).startswith("<|im_start|>system\n")  # Solver's
+
+
+def test_kind_detection(tmp_path):
+    kinds = {"free": [{"question": "q", "answer": "a", "task": "t"}],  # BBEH's fields
+             "bbeh_mini": [{"question": "q", "answer": "a"}],  # BBEH's name
+             "bbeh_mc": [{"question": "q", "options": ["a", "b"], "answer": "A"}],  # options decide
+             "plain": [{"question": "q", "answer": "a"}]}
+    got = {n: ev.load_benchmark(write_jsonl(tmp_path / f"{n}.jsonl", rows), ev.EvalConfig()).kind
+           for n, rows in kinds.items()}
+    assert got == dict(free="bbeh", bbeh_mini="bbeh", bbeh_mc="choice", plain="math")
+
+
+def test_bbeh_matching():
+    """eval_bbeh.py's extraction and fuzzy match, case by case."""
+    cases = [("\\boxed{(A)}", "a", True), ("\\boxed{a}", "(A)", True), ("\\boxed{(A)}", "b", False),
+             ("\\boxed{3.0}", "3", True), ("\\boxed{[x]}", "x", True), ("\\boxed{x}", "[x]", True),
+             ("\\boxed{'x'}", "x", True), ("\\boxed{Yes?}", "yes", True), ("\\boxed{\\text{Dog}}.", "dog", True),
+             ("\\boxed{$12$}", "12", True), ("\\boxed{A, B}", "a,b", True), ("\\boxed{a,b}", "A, B", True),
+             ("Final Answer: 5\nThe answer is: 6\n", "5", True), ("The answer is: 7", "7", True),
+             ("\\boxed{dog}", "cat", False), ("\\boxed{3.5}", "3", False), ("no answer", "x", False)]
+    assert [ev.grade("bbeh", r, ref)[1] for r, ref, _ in cases] == [ok for *_, ok in cases]
+    assert ev.grade("bbeh", "no answer", "x") == (None, False)
+    assert ev.extract_free("\\boxed{\\text{Dog}}.") == "dog" and ev.extract_free("The answer is: **No**.") == "no"
 
 
 @pytest.mark.skipif(BENCH is None, reason="../shared/benchmarks is not present")
