@@ -73,7 +73,8 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     solver_group: int = 5
     solver_max_new_tokens: int = 4096
     solver_top_p: float = 0.99
-    updates_per_step: int = 4  # optimizer updates per rollout step (both phases)
+    challenger_updates: int = 4  # optimizer updates per Challenger rollout step (equal slices of its batch)
+    solver_updates: int = 4  # ... per Solver rollout step
     # machine
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute/sampling dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
@@ -84,13 +85,13 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 
     def __post_init__(self):
         grpo.GRPOConfig.__post_init__(self)
-        n = world() * max(1, self.updates_per_step)
+        upd = (self.challenger_updates, self.solver_updates)
         tops = (self.challenger_top_p, self.problem_top_p, self.solver_top_p)
         rules = [
             (0 <= self.delta <= 0.5, f"--delta must be in [0, 0.5], got {self.delta}"),
             (self.challenger_group >= 2 and self.solver_group >= 2, "group sizes (G) must be at least 2 for GRPO"),
-            (min(self.m_answers, self.n_problems, self.iterations, self.updates_per_step, self.eval_k) >= 1,
-             "--m-answers, --n-problems, --iterations, --updates-per-step and --eval-k must be >= 1"),
+            (min(self.m_answers, self.n_problems, self.iterations, self.eval_k, *upd) >= 1,
+             "--m-answers, --n-problems, --iterations, --eval-k and the --*-updates must be >= 1"),
             (self.challenger_steps >= 0 and self.solver_steps >= 0, "step counts must be >= 0"),
             (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be > 0"),
             (all(0 < t <= 1 for t in tops), "--challenger-top-p, --problem-top-p and --solver-top-p must be in (0, 1]"),
@@ -98,26 +99,32 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
             (self.band in ("paper", "code"), f"--band must be paper or code, got {self.band!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.challenger_prompts % n == 0 and self.solver_problems % n == 0,
-             f"--challenger-prompts and --solver-problems must be multiples of ranks x --updates-per-step = {n}"),
+            (self.challenger_prompts % (world() * max(1, upd[0])) == 0,
+             f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {world() * upd[0]}"),
+            (self.solver_problems % (world() * max(1, upd[1])) == 0,
+             f"--solver-problems must be a multiple of ranks x --solver-updates = {world() * upd[1]}"),
         ]
         for ok, msg in rules:
             if not ok:
                 raise ValueError(msg)
 
 
-PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, lr=1e-6)
+# The paper's settings (the TrainConfig defaults: 512 prompts x G=4 and 512 problems x G=5 per step, m=10, N=8000,
+# delta 0.25, lr 1e-6, 4096 new tokens). Updates per step: the paper's batch of 128 gives 4 for both phases; the
+# authors' scripts ran the Challenger at 16 prompts (64 sequences) per update, 32 updates per step
+# (--challenger-updates 32), with micro-batches of 2 (Challenger) and 1 (Solver): see grpo.GRPOConfig.loss_agg.
+PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6)
 PRESETS = {
     # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 336 : 10 x 32. With more
     # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README).
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
                 challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=336,
                 solver_steps=10, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
-                updates_per_step=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
+                challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
     "qwen3-8b-base": dict(PAPER, model="Qwen/Qwen3-8B-Base", out_dir="runs/qwen3-8b-base"),
-    "octothinker-3b": dict(PAPER, model="OctoAI/OctoThinker-3B-Hybrid-Base", out_dir="runs/octothinker-3b"),
-    "octothinker-8b": dict(PAPER, model="OctoAI/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
+    "octothinker-3b": dict(PAPER, model="OctoThinker/OctoThinker-3B-Hybrid-Base", out_dir="runs/octothinker-3b"),
+    "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb")  # may change between a run and its resume
 
@@ -227,12 +234,12 @@ def vote(run, model, questions, seed):
     return [None if q is None else next(votes) for q in questions]
 
 
-def train_on(run, model, ref, opt, prompts, completions, rewards, group):
+def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates):
     """GRPO on this rank's rollouts: assemble the batch, then the step's optimizer updates (grpo.py)."""
     pad = run.tok.pad_token_id if run.tok.pad_token_id is not None else sample.eos_ids_of(run.tok)[0]
     rollout, zero = grpo.assemble(prompts, [x.tokens for x in completions], rewards, group, pad, run.c, run.device)
     with autocast(run):
-        stats = grpo.train_step(model, opt, rollout, ref, run.c, run.c.updates_per_step)
+        stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)
     lens = [len(x.tokens) for x in completions]
     return stats | dict(zero_var_groups=zero / (len(rewards) // group), mean_len=sum(lens) / len(lens)), sum(lens)
 
@@ -286,7 +293,7 @@ def challenger_phase(run, it, prev_challenger, frozen_solver):
     prompt = challenger.challenger_prompt(run.tok)
     for step in range(load_state(run, model, opt, it, "challenger"), c.challenger_steps):
         t0 = time.time()
-        mine = grpo.my_prompts(c.challenger_prompts, c.updates_per_step)  # global indices of this rank's prompts
+        mine = grpo.my_prompts(c.challenger_prompts, c.challenger_updates)  # global indices of this rank's prompts
         outs = generate(run, sampler(run, model), [prompt] * len(mine), G, c.challenger_max_new_tokens,
                         c.challenger_top_p, seeds=[step_seed(c, it, 1, step) + g for g in mine])
         t1 = time.time()
@@ -299,7 +306,7 @@ def challenger_phase(run, it, prev_challenger, frozen_solver):
         t2 = time.time()
         comps = [x for row in outs for x in row]
         upd, tokens = train_on(run, model, ref, opt, [prompt] * len(comps), comps,
-                               [rewards[g * G + j] for g in mine for j in range(G)], G)
+                               [rewards[g * G + j] for g in mine for j in range(G)], G, c.challenger_updates)
         ps = [s["p"] for s in stats if s["p"] is not None]
         row = dict(iteration=it, phase="challenger", step=step, reward=sum(rewards) / len(rewards),
                    valid_format=sum(s["valid_format"] for s in stats) / len(stats), p_hist=histogram(ps),
@@ -347,18 +354,29 @@ def solver_phase(run, it, prev_solver, records):
     c, G = run.c, run.c.solver_group
     model, ref = trainable(run, prev_solver), frozen(run, prev_solver)
     opt = grpo.make_optimizer(model, c)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(c.seed * 7919 + it)).tolist()
+    if len(records) < c.solver_problems:
+        print0(f"warning: iteration {it} kept {len(records)} problems, fewer than one Solver step's "
+               f"{c.solver_problems}: each step repeats problems (EasyR1 would need a full batch)")
+    orders = {}  # epoch -> its permutation: the problems are reshuffled every pass over them, as EasyR1's sampler
+
+    def nth(k):
+        e = k // len(records)
+        if e not in orders:
+            g = torch.Generator().manual_seed(c.seed * 7919 + it + 1_000_003 * e)
+            orders[e] = torch.randperm(len(records), generator=g).tolist()  # same order on every rank
+        return records[orders[e][k % len(records)]]
+
     for step in range(load_state(run, model, opt, it, "solver"), c.solver_steps):
         t0 = time.time()
-        mine = grpo.my_prompts(c.solver_problems, c.updates_per_step)
-        problems = [records[order[(step * c.solver_problems + g) % len(order)]] for g in mine]
+        mine = grpo.my_prompts(c.solver_problems, c.solver_updates)
+        problems = [nth(step * c.solver_problems + g) for g in mine]
         prompts = [solver.solver_prompt(run.tok, r["problem"]) for r in problems]
         outs = generate(run, sampler(run, model), prompts, G, c.solver_max_new_tokens, c.solver_top_p,
                         seeds=[step_seed(c, it, 3, step) + g for g in mine])
         t1 = time.time()
         rewards = [solver.solver_reward(x.text, r["pseudo_label"]) for r, row in zip(problems, outs) for x in row]
         upd, tokens = train_on(run, model, ref, opt, [p for p in prompts for _ in range(G)],
-                               [x for row in outs for x in row], rewards, G)
+                               [x for row in outs for x in row], rewards, G, c.solver_updates)
         every = gather(rewards)
         row = dict(iteration=it, phase="solver", step=step, reward=sum(every) / len(every), sample_s=t1 - t0,
                    update_s=time.time() - t1, tokens_per_s=tokens / max(1e-9, t1 - t0), **upd)

@@ -16,7 +16,7 @@ from conftest import make_markov_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--iterations", "1", "--challenger-steps", "2", "--challenger-prompts", "4", "--m-answers", "4",
-        "--n-problems", "16", "--solver-steps", "3", "--solver-problems", "4", "--updates-per-step", "2",
+        "--n-problems", "16", "--solver-steps", "3", "--solver-problems", "4", "--challenger-updates", "2", "--solver-updates", "2",
         "--challenger-max-new-tokens", "16", "--answer-max-new-tokens", "16", "--solver-max-new-tokens", "16",
         "--lr", "1e-2", "--micro-batch", "4"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -155,8 +155,9 @@ def test_torchrun_two_ranks_equals_one_process(world, tmp_path):
     for name in ("iter1/challenger", "iter1/solver"):
         a, b = Transformer.from_pretrained(str(out / name)), Transformer.from_pretrained(str(one / name))
         diffs = torch.cat([(p - q).abs().flatten() for p, q in zip(a.parameters(), b.parameters())])
-        # Adam turns float noise on an exactly-zero gradient into an lr-sized step: allow a handful of elements
-        assert (diffs > 1e-3).float().mean() < 1e-3, name
+        # Adam's first steps move an element by ~lr whatever its gradient's size, so float noise on a gradient
+        # that is ~0 flips its direction: allow a few elements, each at most 2 lr per step (lr 1e-2, <= 2 steps)
+        assert (diffs > 1e-3).float().mean() < 1e-2 and diffs.max() < 4 * 1e-2, name
         with torch.no_grad():
             moved, apart = (a(idx) - base(idx)).abs().max(), (a(idx) - b(idx)).abs().max()
         assert apart < 0.05 * moved, (name, apart, moved)
@@ -224,7 +225,7 @@ def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
 @pytest.mark.parametrize("over, message", [
     (dict(delta=0.7), "--delta"), (dict(band="nope"), "--band"), (dict(reward_variant="x"), "--reward-variant"),
     (dict(m_answers=0), "--m-answers"), (dict(solver_group=1), "at least 2"), (dict(dtype="float16"), "--dtype"),
-    (dict(device="tpu"), "--device"), (dict(challenger_prompts=6, updates_per_step=4), "multiples"),
+    (dict(device="tpu"), "--device"), (dict(challenger_prompts=6, challenger_updates=4), "multiple"),
     (dict(dual_clip=1.2), "dual_clip"), (dict(loss_agg="sum"), "loss_agg"), (dict(lr=0.0), "--lr"),
 ])
 def test_train_config_validates_itself(over, message):
@@ -341,3 +342,53 @@ def test_log_replaces_a_row_of_the_same_step(fake_run):
         ("challenger", 0, 0.5), ("dataset", None, None), ("challenger", 1, 0.25)]
     train.log(run, dict(iteration=1, phase="solver", step=0, loss=float("inf")))
     assert metrics(run.c.out_dir)[-1]["loss"] is None
+
+
+# ------------------------------------------------------------------------------------------- presets
+
+REAL_HUB_IDS = {  # checked by hand on the hub (the Qwen3 and OctoThinker model cards); no download here
+    "Qwen/Qwen3-4B-Base", "Qwen/Qwen3-8B-Base",
+    "OctoThinker/OctoThinker-3B-Hybrid-Base", "OctoThinker/OctoThinker-8B-Hybrid-Base",
+}
+
+
+@pytest.mark.parametrize("preset", ["qwen3-4b-base", "qwen3-8b-base", "octothinker-3b", "octothinker-8b"])
+def test_paper_presets_name_real_models_and_the_papers_numbers(preset):
+    import train
+
+    c = train.parse_config(["--preset", preset])
+    assert c.model in REAL_HUB_IDS
+    assert (c.iterations, c.challenger_steps, c.solver_steps, c.lr) == (3, 5, 15, 1e-6)
+    assert (c.challenger_prompts, c.challenger_group, c.solver_problems, c.solver_group) == (512, 4, 512, 5)
+    assert (c.m_answers, c.n_problems, c.delta, c.kl_coef) == (10, 8000, 0.25, 0.01)
+    assert (c.challenger_updates, c.solver_updates) == (4, 4)  # the paper's batch 128; the authors' Challenger ran 32
+    assert train.parse_config(["--preset", preset, "--challenger-updates", "32"]).challenger_updates == 32
+
+
+def test_solver_problems_are_reshuffled_every_epoch_and_a_short_set_warns(tmp_path, monkeypatch, capsys):
+    """A kept set smaller than the steps' demand is cycled through in a fresh order every pass (EasyR1's
+    sampler), each pass a permutation, the same on every run; and the user is told the set is short."""
+    import train
+
+    records = [dict(problem=f"q{i}", pseudo_label="1") for i in range(6)]
+    picked = []
+    for name in ("trainable", "frozen", "sampler", "export", "save_state", "log"):
+        monkeypatch.setattr(train, name, lambda *a: None)
+    monkeypatch.setattr(train, "load_state", lambda *a: 0)
+    monkeypatch.setattr(train.grpo, "make_optimizer", lambda *a: None)
+    monkeypatch.setattr(train.solver, "solver_prompt", lambda tok, q: picked.append(q) or [0])
+    monkeypatch.setattr(train, "generate", lambda run, model, prompts, n, *a, **kw: [
+        [train.sample.Completion([1], [0.0], "eos", "\\boxed{1}")] * n for _ in prompts])
+    monkeypatch.setattr(train, "train_on", lambda *a: ({}, 1))
+    c = train.TrainConfig(out_dir=str(tmp_path), solver_steps=3, solver_problems=8, solver_updates=2)
+    run = train.Run(c, "base", None, torch.device("cpu"), torch.float32)
+    train.solver_phase(run, 1, "base", records)
+    assert "kept 6 problems, fewer than one Solver step's 8" in capsys.readouterr().out
+    assert len(picked) == 24  # 3 steps x 8 problems = 4 passes over the 6
+    passes = [picked[k:k + 6] for k in range(0, 24, 6)]
+    assert all(sorted(p) == sorted(r["problem"] for r in records) for p in passes)  # each pass a permutation
+    assert len({tuple(p) for p in passes}) > 1  # reshuffled
+    again = list(picked)
+    picked.clear()
+    train.solver_phase(run, 1, "base", records)
+    assert picked == again  # deterministic
