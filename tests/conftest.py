@@ -68,6 +68,24 @@ def make_tokenizer(path=None):
     return t
 
 
+def byte_level_tokenizer(chat_template=None):
+    """A byte-level tokenizer with no merges: every string round-trips, so a rendered prompt can be read back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                additional_special_tokens=["<|im_start|>"])
+    t.chat_template = chat_template
+    return t
+
+
+QWEN3_CHAT_TEMPLATE = os.path.join(os.path.dirname(__file__), "data", "qwen3_chat_template.jinja")  # as shipped
+
+
 @pytest.fixture
 def tiny_qwen3(tmp_path):
     d = tmp_path / "qwen3"

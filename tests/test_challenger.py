@@ -4,7 +4,6 @@ challenger.py is pure: the frozen Solver's votes are built from scripted respons
 does with sampled ones), so no model runs.
 """
 import math
-import os
 import random
 import time
 
@@ -323,25 +322,12 @@ AUTHORS_SYSTEM = (  # RZERO.md, "The authors' prompts, verbatim" (their verl/uti
 AUTHORS_USER = "Generate one new, challenging reasoning question now. Remember to format the output exactly as instructed."
 
 
-def byte_level_tokenizer(chat_template):
-    """A byte-level tokenizer with no merges: every string round-trips, so the rendered prompt can be read back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                additional_special_tokens=["<|im_start|>"])
-    t.chat_template = chat_template
-    return t
-
-
 def test_challenger_prompt_is_the_authors_verbatim_through_qwen3s_chat_template():
     """The real-model prompt, rendered by Qwen3's own chat template (tests/data, as shipped in Qwen3 checkpoints),
     is the authors' system and user turns character for character."""
-    with open(os.path.join(os.path.dirname(__file__), "data", "qwen3_chat_template.jinja")) as f:
+    from conftest import QWEN3_CHAT_TEMPLATE, byte_level_tokenizer
+
+    with open(QWEN3_CHAT_TEMPLATE) as f:
         tok = byte_level_tokenizer(f.read())
     ids = ch.challenger_prompt(tok)
     assert tok.decode(ids) == (f"<|im_start|>system\n{AUTHORS_SYSTEM}<|im_end|>\n"

@@ -11,7 +11,7 @@ import pytest
 import eval as ev
 import sample
 import toy
-from conftest import CHAT_TEMPLATE, make_hf_model, make_tokenizer
+from conftest import CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE, byte_level_tokenizer, make_hf_model, make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIRS = [os.path.join(REPO, "..", "shared", "benchmarks"), "/work/shared/benchmarks"]
@@ -219,21 +219,6 @@ MMLU_PRO = [{"question": "What is 2+2?", "options": ["1", "2", "4", "8"], "answe
              "category": "other"}]
 
 
-def byte_level_tokenizer(chat_template=None):
-    """A byte-level tokenizer with no merges: every string round-trips, so a rendered prompt can be read back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                               merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                additional_special_tokens=["<|im_start|>"])
-    t.chat_template = chat_template
-    return t
-
-
 def test_general_benchmarks_have_their_own_average(tmp_path, models, scripted):
     """BBEH and MMLU-Pro beside a math set: neither enters MATH AVG; GENERAL AVG is their mean; 8192 tokens."""
     from transformers import AutoTokenizer
@@ -278,8 +263,8 @@ def test_general_prompts_are_the_authors_character_for_character(tmp_path):
                (sgpqa, "Pick\nOptions are:\n(A): u\n(B): v\n\n\n" + AUTHORS_SUPERGPQA),
                (bbeh, "Which?\n\n" + AUTHORS_BBEH)]
     templated, plain = byte_level_tokenizer(CHAT_TEMPLATE), byte_level_tokenizer()
-    qwen3 = os.path.join(REPO, "tests", "data", "qwen3_chat_template.jinja")  # Qwen3's own, where present
-    qwen3 = byte_level_tokenizer(open(qwen3).read()) if os.path.isfile(qwen3) else templated
+    with open(QWEN3_CHAT_TEMPLATE) as f:  # Qwen3's own
+        qwen3 = byte_level_tokenizer(f.read())
     for b, text in authors:
         for tok in (templated, qwen3):
             assert tok.decode(ev.prompt_ids(tok, b.kind, b.questions[0])) == (
