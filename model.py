@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("qwen3", "qwen2", "llama")
 
@@ -217,6 +218,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.checkpoint_blocks = False  # activation checkpointing: keep each block's input, recompute it in backward
 
     def forward(self, idx, cache=None, input_pos=None, kv_len=None, return_hidden=False):
         """idx: (B, T) token ids. Without a cache: positions 0..T-1, causal. With a cache: input_pos (B, T)
@@ -231,7 +233,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, cache, input_pos, kv_len)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # training forward: O(layers) saved tensors
+                x = checkpoint(block, x, cos, sin, cache, input_pos, kv_len, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, input_pos, kv_len)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
 

@@ -79,6 +79,7 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute/sampling dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     memory_budget_gb: float = 16.0  # KV-cache bytes a sampling call may allocate
+    activation_checkpointing: bool = False  # recompute each block in backward (the real presets: on, as the authors)
     # a world that knows the answers (the toy world) measures the Solver on held-out problems every iteration
     eval_problems: int = 512
     eval_k: int = 4
@@ -113,7 +114,8 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 # delta 0.25, lr 1e-6, 4096 new tokens). Updates per step: the paper's batch of 128 gives 4 for both phases; the
 # authors' scripts ran the Challenger at 16 prompts (64 sequences) per update, 32 updates per step
 # (--challenger-updates 32), with micro-batches of 2 (Challenger) and 1 (Solver): see grpo.GRPOConfig.loss_agg.
-PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6)
+PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6,
+             activation_checkpointing=True)
 PRESETS = {
     # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 336 : 10 x 32. With more
     # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README).
@@ -175,6 +177,7 @@ def frozen(run, path):
 def trainable(run, path):
     """fp32 master weights; FSDP2 under torchrun (bf16 compute, fp32 gradient reduction on GPU)."""
     model = Transformer.from_pretrained(path, dtype=torch.float32, device=run.device)
+    model.checkpoint_blocks = run.c.activation_checkpointing
     if world() > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -382,3 +382,30 @@ def test_cache_row_bytes_copy_rows_keep_rows():
     cache.keep_rows(torch.tensor([2, 1]))
     assert cache.k.shape == (2, 2, 1, 4, 2) and cache.k.is_contiguous() and cache.v.is_contiguous()
     assert torch.equal(cache.k, want[:, [2, 1]]) and torch.equal(cache.v, -want[:, [2, 1]])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tmp_path, family):
+    """Per-block activation checkpointing (train.py --activation-checkpointing): the same loss and gradients as
+    without, to float tolerance, while autograd keeps fewer tensors alive between forward and backward."""
+    from grpo import token_logprobs
+
+    make_hf_model(tmp_path / family, family)
+    idx = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[:, 10:] = True
+    results = []
+    for on in (False, True):
+        model = Transformer.from_pretrained(str(tmp_path / family))
+        model.checkpoint_blocks = on
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = -token_logprobs(model, idx, mask, 1.0).sum()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=1e-6)
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-6) for n in g0)
+    assert s1 < s0 / 2, (s0, s1)  # only each block's input (and the logits chunks) is kept
+    with torch.no_grad():  # sampling and log-prob passes never checkpoint
+        assert torch.equal(model(idx), Transformer.from_pretrained(str(tmp_path / family))(idx))
