@@ -128,7 +128,7 @@ PRESETS = {
     "octothinker-3b": dict(PAPER, model="OctoThinker/OctoThinker-3B-Hybrid-Base", out_dir="runs/octothinker-3b"),
     "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
-NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb")  # may change between a run and its resume
+NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "activation_checkpointing")  # may change on resume
 
 
 def _flag_error(message):
