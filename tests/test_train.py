@@ -1,7 +1,6 @@
 """train.py end to end on a hand-set bigram world (conftest.make_markov_world): outputs, transformers
 round trip, torchrun with two ranks, kill-and-resume, and user mistakes."""
 import json
-import math
 import os
 import signal
 import socket
