@@ -128,7 +128,7 @@ class Costs:
         self.mm = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)  # weights in matmuls
         self.head = c.hidden_size * c.vocab_size
         self.attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim  # FLOPs per (query, key) pair
-        self.kv = KVCache.row_bytes(c, 1, dtype)  # cache bytes per token
+        self.kv = KVCache.token_bytes(c, dtype)  # cache bytes per token
         self.weights = (self.mm + self.head) * itemsize
 
     def rollout(self, prompt_lens, gen_lens, n):

@@ -13,9 +13,11 @@ Parameter names are the checkpoints' names without the leading "model." (see `hf
 copy of the weights.
 
 The training forward and the decode forward are the same function; the KV cache is an argument. The cache
-is a pre-allocated buffer in which every row writes each token at the slot equal to its position, so rows of
-different lengths need no left padding: a row's query at position p attends to its slots 0..p. Batches
-without a cache are right-padded and need no mask at all (a real token never attends to a later pad).
+is paged (KVCache): every row writes each token at the slot equal to its position, so rows of different
+lengths need no left padding (a row's query at position p attends to its slots 0..p), and a row holds only
+the pages its tokens fill. Attention reads a row's pages by gathering them, one layer at a time: a copy a fused
+paged-attention kernel (vLLM) would avoid, kept because it is plain PyTorch. Batches without a cache are
+right-padded and need no mask at all (a real token never attends to a later pad).
 
 Left out on purpose: sliding-window attention (off in every checkpoint we target), RoPE types other than
 default and llama3, dropout.
@@ -121,32 +123,77 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Pre-allocated keys and values of every layer: (n_layer, B, n_kv, max_len, hd). Slot index == position."""
+PAGE = 16  # cache slots per page
 
-    def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
-        super().__init__()
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+class KVCache:
+    """Keys and values of every layer in pages of PAGE slots, (n_layer, pages, PAGE, n_kv, hd), and a page table
+    per row: slot s of row r is slot s % PAGE of page table[r, s // PAGE]. Slot index == position.
+
+    Rows take pages as they grow (`grow`), so the cache holds the tokens actually there, not max_len per row.
+    Page 0 is scratch: unassigned table entries point to it, so writes of free rows or of padding land where
+    no row reads (reads beyond a row's own position are masked in attention)."""
+
+    def __init__(self, cfg: ModelConfig, rows, pages, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, pages + 1, PAGE, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.table = torch.zeros(rows, -(-max_len // PAGE), dtype=torch.long, device=device)  # (rows, max_pages)
+        self.held = [[] for _ in range(rows)]  # the host's copy: the pages of each row, in slot order
+        self.free = list(range(pages, 0, -1))  # pop() hands out the lowest page first
 
     @staticmethod
-    def row_bytes(cfg: ModelConfig, max_len: int, dtype) -> int:  # keys + values of one row of max_len slots
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+    def token_bytes(cfg: ModelConfig, dtype) -> int:  # keys + values of one token in every layer
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
 
-    def copy_rows(self, dst_rows, src: "KVCache", src_rows, length):  # src: a prefill cache, slots 0..length-1
-        self.k[:, dst_rows, :, :length] = src.k[:, src_rows, :, :length]  # (n_layer, len(dst_rows), n_kv, length, hd)
-        self.v[:, dst_rows, :, :length] = src.v[:, src_rows, :, :length]
+    @staticmethod
+    def pages_for(length):
+        return -(-length // PAGE)
 
-    def keep_rows(self, rows):
-        self.k, self.v = self.k[:, rows].contiguous(), self.v[:, rows].contiguous()  # (n_layer, len(rows), ...)
+    def grow(self, rows, lengths):
+        """Give each row pages for slots 0..length-1. False (and no change) if the free pages do not suffice."""
+        need = [(r, self.pages_for(n) - len(self.held[r])) for r, n in zip(rows, lengths)]
+        if sum(max(0, k) for _, k in need) > len(self.free):
+            return False
+        at, pages = [], []  # (row, table column) and the page given there
+        for r, k in need:
+            for _ in range(k):
+                at.append((r, len(self.held[r])))
+                self.held[r].append(self.free.pop())
+                pages.append(self.held[r][-1])
+        if at:
+            r, j = torch.tensor(at, device=self.table.device).T
+            self.table[r, j] = torch.tensor(pages, device=self.table.device)
+        return True
+
+    def release(self, rows):  # the rows' pages back to the free list
+        for r in rows:
+            self.free += self.held[r][::-1]
+            self.held[r] = []
+            self.table[r] = 0
+
+    def copy_prefix(self, dst_rows, src_row, length):  # slots 0..length-1 of src_row into each of dst_rows (grown)
+        n = self.pages_for(length)
+        src, dst = self.table[src_row, :n].repeat(len(dst_rows)), self.table[dst_rows, :n].flatten()
+        self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]  # whole pages: the tail is the prompt's padding
+
+    def keep_rows(self, rows):  # rows: a list; the others must have been released
+        self.table, self.held = self.table[rows], [self.held[r] for r in rows]
+
+    def view(self, rows):
+        """The same pages seen through a subset of the rows (e.g. the rows a prefill writes)."""
+        v = object.__new__(KVCache)
+        v.k, v.v, v.table, v.held, v.free = self.k, self.v, self.table[rows], None, None
+        return v
 
     def update(self, layer, k, v, input_pos, kv_len):
-        # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd) views
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
-        self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
-        self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
+        # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd)
+        page = self.table.gather(1, input_pos // PAGE)  # (B, T)
+        slot = input_pos % PAGE
+        self.k[layer][page, slot] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
+        self.v[layer][page, slot] = v.transpose(1, 2)
+        pages = self.table[:, : self.pages_for(kv_len)]  # (B, n): a copy of the rows' pages, one layer at a time
+        return tuple(c[layer][pages].flatten(1, 2)[:, :kv_len].transpose(1, 2) for c in (self.k, self.v))
 
 
 class Attention(nn.Module):
@@ -240,8 +287,16 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
 
-    def new_cache(self, batch, max_len, dtype=None):
-        return KVCache(self.config, batch, max_len, dtype or self.embed_tokens.weight.dtype, self.inv_freq.device)
+    def new_cache(self, batch, max_len, pages=None, dtype=None):
+        """A cache of `batch` rows of up to max_len slots. pages=None: every row holds its max_len slots from the
+        start (a plain pre-allocated cache); else a pool of `pages` that rows take as they grow."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        full = pages is None
+        cache = KVCache(self.config, batch, batch * KVCache.pages_for(max_len) if full else pages, max_len, dtype,
+                        self.inv_freq.device)
+        if full:
+            cache.grow(range(batch), [max_len] * batch)
+        return cache
 
     # ---------------------------------------------------------------- Hugging Face checkpoints
 

@@ -21,13 +21,14 @@ quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (
 """
 import argparse
 import sys
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, Transformer
+from model import PAGE, KVCache, Transformer
 
 
 @dataclass
@@ -103,8 +104,11 @@ def sample_next(logits, temperature, top_p, top_k, u):
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
-             stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, progress=False):
+             stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
+             progress=False, stats=None):
     """prompts: list of token-id lists; seed: an int (prompt i gets seed + i) or one seed per prompt.
+    memory_budget: bytes of KV-cache pages; rows in flight are as many as it holds at expected_new_tokens per
+    completion (default max_new_tokens: never a preemption). stats: a dict to receive rows, peak_rows, preempted.
     Returns [len(prompts)][n] Completions."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -115,10 +119,15 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         seed = int(torch.randint(2**31, ()))  # from the global RNG: torch.manual_seed still reproduces a run
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
     cfg = model.config
-    max_len = max(map(len, prompts)) + max_new_tokens
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]  # the queue, served in order
-    B = max(1, min(len(jobs), memory_budget // KVCache.row_bytes(cfg, max_len, model.embed_tokens.weight.dtype)))
-    cache = model.new_cache(B, max_len)
+    longest = max(map(len, prompts))
+    max_len = longest + max_new_tokens
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    queue = deque(range(len(jobs)))  # jobs to serve, in order; a preempted job goes back to the front
+    page_bytes = PAGE * KVCache.token_bytes(cfg, model.embed_tokens.weight.dtype)
+    pages = max(memory_budget // page_bytes, KVCache.pages_for(max_len))  # at least one row of max_len
+    expect = min(expected_new_tokens or max_new_tokens, max_new_tokens)
+    B = max(1, min(len(jobs), pages // KVCache.pages_for(longest + expect)))
+    cache = model.new_cache(B, max_len, pages=pages)
     eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
 
@@ -128,53 +137,66 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
     # Every job draws its uniforms from its own stream seeded by (prompt seed, sample index): the output does
-    # not depend on the batch it shared, the memory budget, or how prompts were split across ranks.
+    # not depend on the batch it shared, the memory budget, how prompts were split across ranks, or on being
+    # preempted and run again.
     uniforms = torch.zeros(B, max_new_tokens, dtype=torch.float64, device=dev)  # float64: see sample_next
     next_logits = torch.zeros(B, cfg.vocab_size, device=dev)
     results = [[None] * n for _ in prompts]
-    next_job = 0
+    st = dict(rows=B, peak_rows=0, preempted=0, pages=pages)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc="sampling", leave=False, disable=None)  # None: no bar when not a terminal
 
     def admit(rows):
-        """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows`."""
-        nonlocal next_job
-        rows = rows[: len(jobs) - next_job]
-        take = jobs[next_job: next_job + len(rows)]
-        next_job += len(rows)
-        uniq = sorted({i for i, _ in take})
-        first_of = {}  # identical prompt objects (e.g. [prompt] * n) share one prefill too
-        uniq = [first_of.setdefault(id(prompts[i]), i) for i in uniq if id(prompts[i]) not in first_of]
-        L = max(len(prompts[i]) for i in uniq)
-        idx = torch.zeros(len(uniq), L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
-        for u, i in enumerate(uniq):
+        """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
+        take = []
+        for r in rows[: len(queue)]:
+            if not cache.grow([r], [len(prompts[jobs[queue[0]][0]])]):
+                break
+            take.append(queue.popleft())
+        if not take:
+            return
+        rows = rows[: len(take)]
+        lead = {}  # prompt (identical objects, e.g. [prompt] * n, count as one) -> the row its prefill runs in
+        for r, q in zip(rows, take):
+            lead.setdefault(id(prompts[jobs[q][0]]), (r, jobs[q][0]))
+        L = max(len(prompts[i]) for _, i in lead.values())
+        idx = torch.zeros(len(lead), L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
+        for u, (_, i) in enumerate(lead.values()):
             idx[u, : len(prompts[i])] = torch.tensor(prompts[i], device=dev)
-        tmp = model.new_cache(len(uniq), L)
-        h = model(idx, cache=tmp, input_pos=torch.arange(L, device=dev).expand(len(uniq), L), kv_len=L,
-                  return_hidden=True)  # (U, L, D)
-        last = torch.tensor([len(prompts[i]) - 1 for i in uniq], device=dev)
-        first = model.lm_head(h[torch.arange(len(uniq), device=dev), last])  # (U, V): lm_head on last positions only
-        src = torch.tensor([uniq.index(first_of[id(prompts[i])]) for i, _ in take], device=dev)
+        lead_rows = torch.tensor([r for r, _ in lead.values()], device=dev)
+        h = model(idx, cache=cache.view(lead_rows), input_pos=torch.arange(L, device=dev).expand(len(lead), L),
+                  kv_len=L, return_hidden=True)  # (U, L, D); the pad positions write slots nobody reads
+        last = torch.tensor([len(prompts[i]) - 1 for _, i in lead.values()], device=dev)
+        first = model.lm_head(h[torch.arange(len(lead), device=dev), last]).float()  # (U, V): last positions only
+        order = list(lead)
+        for u, (r0, i) in enumerate(lead.values()):  # the group's other rows copy the one prefill
+            group = [r for r, q in zip(rows, take) if id(prompts[jobs[q][0]]) == order[u] and r != r0]
+            if group:
+                cache.copy_prefix(group, r0, len(prompts[i]))
+        src = torch.tensor([order.index(id(prompts[jobs[q][0]])) for q in take], device=dev)
         dst = torch.as_tensor(rows, device=dev)
-        cache.copy_rows(dst, tmp, src, L)  # the group's rows share the one prefill
-        next_logits[dst] = first[src].float()
-        lens = np.array([len(prompts[i]) for i, _ in take])
-        row_job[rows], row_pos[rows] = np.arange(next_job - len(rows), next_job), lens
+        next_logits[dst] = first[src]
+        row_job[rows], row_pos[rows] = take, [len(prompts[jobs[q][0]]) for q in take]
         n_gen[dst] = 0
-        streams = [torch.Generator().manual_seed((seeds[i] * 1_000_003 + j) % 2**62) for i, j in take]
+        streams = [torch.Generator().manual_seed((seeds[jobs[q][0]] * 1_000_003 + jobs[q][1]) % 2**62) for q in take]
         uniforms[dst] = torch.stack([torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
                                      for g in streams]).to(dev)
+
+    def free_rows(rows):
+        cache.release(rows)
+        row_job[rows] = -1
 
     while True:
         free = np.flatnonzero(row_job < 0)
         # refill once a few rows are free (a prefill per single freed row would waste the matmuls)
-        if next_job < len(jobs) and len(free) and (len(free) >= max(1, B // 8) or len(free) == B):
-            admit(free)
+        if queue and len(free) and (len(free) >= max(1, B // 8) or len(free) == B):
+            admit(free.tolist())
         live = row_job >= 0
         if not live.any():
             break
+        st["peak_rows"] = max(st["peak_rows"], int(live.sum()))
         rows_t = torch.arange(B, device=dev)
         u = uniforms[rows_t, n_gen.clamp(max=max_new_tokens - 1)]  # (B,) this step's draw of each row
         tok, lp = sample_next(next_logits, temperature, top_p, top_k, u)  # (B,), (B,)
@@ -192,24 +214,35 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                                             for r, c in zip(live_rows, counts)])
             stopped[live_rows] = [any(s in t for s in stop_strings) for t in tails]
             done |= torch.as_tensor(stopped, device=dev)
-        for r in torch.nonzero(done).flatten().tolist():  # only finished rows touch the host
+        finished = torch.nonzero(done).flatten().tolist()  # only finished rows touch the host
+        for r in finished:
             i, j = jobs[row_job[r]]
             c = int(n_gen[r])
             toks = out_tok[r, :c].tolist()
             reason = "eos" if toks[-1] in eos_ids else "stop" if stopped[r] else "length"
             text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
             results[i][j] = Completion(toks, out_lp[r, :c].tolist(), reason, text)
-            row_job[r] = -1
             if bar:
                 bar.update(1)
-        live = row_job >= 0
-        if next_job == len(jobs):
+        free_rows(finished)
+        # the next forward writes each live row's token at slot row_pos: a row entering a new page takes one;
+        # when none is free, the newest row is preempted (its job starts again later, with the same uniforms)
+        while True:
+            live = row_job >= 0
+            grow = np.flatnonzero(live & (row_pos % PAGE == 0))
+            if cache.grow(grow.tolist(), (row_pos[grow] + 1).tolist()):
+                break
+            victim = int(np.flatnonzero(live)[row_job[live].argmax()])
+            queue.appendleft(int(row_job[victim]))
+            free_rows([victim])
+            st["preempted"] += 1
+        if not queue:
             if not live.any():
                 break
             if live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
                 keep = np.flatnonzero(live)
                 kt = torch.as_tensor(keep, device=dev)
-                cache.keep_rows(kt)
+                cache.keep_rows(keep.tolist())
                 row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
                 n_gen, out_tok, out_lp, tok = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
                 uniforms = uniforms[kt]
@@ -220,9 +253,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
         pos = torch.as_tensor(row_pos[:, None], device=dev)  # (B, 1)
         logits = model(tok[:, None], cache=cache, input_pos=pos, kv_len=kv_len)  # (B, 1, V)
         next_logits = logits[:, -1].float()
-        row_pos += live  # free rows stay put; their writes land in slots nobody reads
+        row_pos += live  # free rows stay put; their writes land in the scratch page
     if bar:
         bar.close()
+    if stats is not None:
+        stats.update(st)
     return results
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model
-from model import KVCache, ModelConfig, Transformer
+from model import PAGE, KVCache, ModelConfig, Transformer
 
 T = 130  # > 2 x original_max_position_embeddings (64 in conftest): llama3's frequency scaling is exercised
 TOL = 1e-4
@@ -356,32 +356,54 @@ def test_cached_decoding_rows_of_different_lengths(cached_model):
 
 
 @torch.no_grad()
-def test_cache_buffers_have_static_shape(cached_model):
-    cache = cached_model.new_cache(3, 17)
-    cfg = cached_model.config
-    shape = (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 17, cfg.head_dim)
-    assert cache.k.shape == shape and cache.v.shape == shape and cache.k.dtype == torch.float32
+def test_paged_cache_rows_growing_in_turn_equal_the_full_forward(cached_model):
+    """Rows that take pages in turn (so each row's pages are scattered over the pool, not in order) decode as
+    the full forward; a released row's pages go to another row."""
+    model = cached_model
+    lens, steps = [37, 5, 20], 40
+    seqs = [tokens(B=1, T=n + steps, seed=20 + i)[0] for i, n in enumerate(lens)]
+    cache = model.new_cache(3, max(lens) + steps, pages=60)
+    for b, n in enumerate(lens):  # prefill each row alone, through a view of that row
+        assert cache.grow([b], [n])
+        model(seqs[b][None, :n], cache=cache.view(torch.tensor([b])), input_pos=torch.arange(n)[None])
+    got = [[] for _ in lens]
+    for s in range(steps):
+        pos = torch.tensor(lens) + s
+        assert cache.grow([0, 1, 2], (pos + 1).tolist())
+        out = model(torch.stack([seqs[b][n + s] for b, n in enumerate(lens)])[:, None], cache=cache,
+                    input_pos=pos[:, None])
+        for b in range(3):
+            got[b].append(out[b, 0])
+    assert sorted(p for row in cache.held for p in row) == list(range(1, 1 + sum(KVCache.pages_for(n + steps)
+                                                                                  for n in lens)))
+    assert any(row != sorted(row) or row != list(range(row[0], row[0] + len(row))) for row in cache.held)
+    for b, n in enumerate(lens):
+        alone = model(seqs[b][None])[0, n:]
+        assert max_diff(torch.stack(got[b]), alone) <= TOL, b
+    before = len(cache.free)
+    cache.release([1])
+    assert len(cache.free) == before + KVCache.pages_for(lens[1] + steps) and cache.table[1].eq(0).all()
 
 
-def test_cache_row_bytes_copy_rows_keep_rows():
+def test_cache_pages_grow_copy_keep():
     cfg = ModelConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=2)
     for dtype in (torch.float32, torch.bfloat16):
-        one = KVCache(cfg, 1, 5, dtype, "cpu")
-        assert KVCache.row_bytes(cfg, 5, dtype) == (one.k.numel() + one.v.numel()) * one.k.element_size()
-        assert KVCache.row_bytes(cfg, 5, dtype) == 2 * 2 * 1 * 2 * 5 * dtype.itemsize
-    cache, src = KVCache(cfg, 3, 4, torch.float32, "cpu"), KVCache(cfg, 2, 2, torch.float32, "cpu")
-    src.k.copy_(torch.arange(16.0).view(2, 2, 1, 2, 2))  # (n_layer, B, n_kv, max_len, hd)
-    src.v.copy_(-src.k)
-    cache.copy_rows(torch.tensor([2, 0]), src, torch.tensor([0, 0]), 2)  # prompt 0's prefill into rows 2 and 0
-    cache.copy_rows(torch.tensor([1]), src, torch.tensor([1]), 1)  # only slot 0 of prompt 1
-    want = torch.zeros(2, 3, 1, 4, 2)
-    want[:, 0, :, :2] = want[:, 2, :, :2] = src.k[:, 0]
-    want[:, 1, :, :1] = src.k[:, 1, :, :1]
-    assert torch.equal(cache.k, want) and torch.equal(cache.v, -want)
-    assert cache.k[1, 2, 0, 1].tolist() == [10.0, 11.0] and cache.k[0, 1, 0, 0].tolist() == [4.0, 5.0]
-    cache.keep_rows(torch.tensor([2, 1]))
-    assert cache.k.shape == (2, 2, 1, 4, 2) and cache.k.is_contiguous() and cache.v.is_contiguous()
-    assert torch.equal(cache.k, want[:, [2, 1]]) and torch.equal(cache.v, -want[:, [2, 1]])
+        assert KVCache.token_bytes(cfg, dtype) == 2 * 2 * 1 * 2 * dtype.itemsize
+    assert [KVCache.pages_for(n) for n in (1, PAGE, PAGE + 1)] == [1, 1, 2]
+    cache = KVCache(cfg, rows=3, pages=4, max_len=3 * PAGE, dtype=torch.float32, device="cpu")
+    assert cache.k.shape == (2, 5, PAGE, 1, 2)  # page 0 is scratch
+    assert cache.grow([0, 2], [PAGE + 1, 3]) and cache.held == [[1, 2], [], [3]]
+    assert not cache.grow([1], [2 * PAGE + 1]) and cache.held[1] == []  # 3 pages wanted, 1 free: no change
+    assert cache.table.tolist() == [[1, 2, 0], [0, 0, 0], [3, 0, 0]]
+    cache.k[:, 1:3] = torch.arange(2 * 2 * PAGE * 2.0).view(2, 2, PAGE, 1, 2)
+    cache.v[:, 1:3] = -cache.k[:, 1:3]
+    cache.release([2])
+    assert cache.grow([2], [PAGE + 2]) and cache.held[2] == [3, 4]
+    cache.copy_prefix([2], 0, PAGE + 2)  # both pages of row 0 into row 2's pages
+    assert torch.equal(cache.k[:, 3:5], cache.k[:, 1:3]) and torch.equal(cache.v[:, 3:5], -cache.k[:, 1:3])
+    cache.release([0])
+    cache.keep_rows([2, 1])
+    assert cache.held == [[3, 4], []] and cache.table.tolist() == [[3, 4, 0], [0, 0, 0]]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])

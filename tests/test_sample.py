@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_hf_model, make_tokenizer
-from model import KVCache, Transformer
+from model import PAGE, KVCache, Transformer
 from sample import BLOCK, Completion, chat_prompt, eos_ids_of, generate, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,8 +373,8 @@ def test_bad_requests_raise_value_error(models):
 # ---------------------------------------------------------------- memory budget
 
 
-def row_bytes(model, max_len):
-    return KVCache.row_bytes(model.config, max_len, torch.float32)  # tests/test_model.py checks it by hand
+def row_bytes(model, max_len):  # the pages of one row of max_len slots
+    return KVCache.pages_for(max_len) * PAGE * KVCache.token_bytes(model.config, torch.float32)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -390,18 +390,44 @@ def test_memory_budget_serves_every_completion(models, monkeypatch, rows):
     allocs = []
     new_cache = model.new_cache
 
-    def recording(batch, max_len, *a, **kw):
-        allocs.append((batch, max_len))
-        return new_cache(batch, max_len, *a, **kw)
+    def recording(batch, max_len, pages=None, **kw):
+        allocs.append((batch, max_len, pages))
+        return new_cache(batch, max_len, pages, **kw)
 
     monkeypatch.setattr(model, "new_cache", recording)
     out = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos, memory_budget=budget)
-    assert allocs[0] == (rows, max_len)  # the decode cache: as many rows as the budget holds
-    assert all(row_bytes(model, L) * b <= budget for b, L in allocs), allocs
+    # one cache: as many rows as the budget holds at max_new_tokens each, and the budget's pages
+    assert allocs == [(rows, max_len, rows * KVCache.pages_for(max_len))]
     assert len(out) == 3 and all(len(row) == n for row in out)
     assert toks(out) == toks(unconstrained)
     assert [[c.finish_reason for c in r] for r in out] == [[c.finish_reason for c in r] for r in unconstrained]
     assert {c.finish_reason for r in out for c in r} == {"eos", "length"}
+
+
+def test_rows_sized_by_expected_length_hold_more_in_flight_and_preemption_changes_nothing(models):
+    """The cache holds the tokens a row has, not max_new_tokens per row: with short answers expected, the same
+    budget keeps more rows in flight than rows of max_len would (the old cache). When answers run longer than
+    expected and pages run out, the newest rows are preempted and started again: the same completions."""
+    model, _ = models["qwen3"]
+    prompts = rand_prompts([6, 9, 12, 7], seed=21)
+    max_new = 64
+    budget = 4 * row_bytes(model, 12 + max_new)  # the old cache: 4 rows of max_len
+    free = greedy(model, prompts, n=4, max_new_tokens=max_new)
+    eos = sorted({c.tokens[3] for row in free for c in row[:1]})  # most answers end after a few tokens
+    kw = dict(n=4, max_new_tokens=max_new, temperature=1.0, top_p=0.95, eos_ids=eos, seed=[3, 4, 5, 6])
+    ample, old, short, tight = {}, {}, {}, {}
+    want = generate(model, prompts, memory_budget=2**30, stats=ample, **kw)
+    got_old = generate(model, prompts, memory_budget=budget, stats=old, **kw)
+    got_short = generate(model, prompts, memory_budget=budget, expected_new_tokens=8, stats=short, **kw)
+    got_tight = generate(model, prompts, memory_budget=budget // 4, expected_new_tokens=2, stats=tight, **kw)
+    lens = [len(c.tokens) for row in want for c in row]
+    assert min(lens) < 10 and max(lens) == max_new  # short answers, and some that run to the cap
+    assert old["rows"] == 4 and old["preempted"] == 0
+    assert short["peak_rows"] > 2 * old["peak_rows"]
+    assert tight["preempted"] > 0
+    assert toks(got_old) == toks(got_short) == toks(got_tight) == toks(want)
+    for a, b in zip((c for r in got_tight for c in r), (c for r in want for c in r)):  # other batches: float noise
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 # ---------------------------------------------------------------- CLI
