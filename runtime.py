@@ -142,3 +142,50 @@ def append_row(path, row: dict, key):
             rows = [line for line in f if key(json.loads(line)) != key(row)]
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         write_text(path, "".join(rows + [json.dumps(clean) + "\n"]))
+
+
+def live_tensor_bytes():
+    """Bytes of every tensor storage the interpreter can reach (a DTensor counts its local shard): a census."""
+    import gc
+    seen = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and not o.is_meta:
+            t = getattr(o, "_local_tensor", o)
+            try:
+                st = t.untyped_storage()
+            except Exception:  # tensor subclasses without a storage of their own
+                continue
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+class peak_memory(contextlib.ContextDecorator):
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes inside the block, everything
+    already alive included. CUDA: max_memory_allocated. CPU: the census at the start plus the running sum of
+    torch.profiler's allocation and free events (slow: for measuring, not for runs)."""
+
+    def __init__(self, device):
+        self.cuda, self.bytes = torch.device(device).type == "cuda", 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = live_tensor_bytes()
+            self.prof = torch.profiler.profile(profile_memory=True)
+            self.prof.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+            return False
+        self.prof.stop()
+        live = peak = 0  # an op's net allocation counts from its start
+        for _, nbytes in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in self.prof.events()):
+            live += nbytes
+            peak = max(peak, live)
+        self.bytes = self.base + peak
+        return False

@@ -3,10 +3,11 @@ Batched sampling with a KV cache, shaped for GRPO: P prompts x n samples each.
 
 How a request is served (R-Zero's requests are large: the Solver answers N x m = 80,000 questions per
 iteration, the Challenger's reward samples m answers for each of 2,048 questions per step):
-- The request is a queue of jobs (prompt i, sample j). A pre-allocated cache of B rows holds the jobs in
-  flight; B is as many rows as `memory_budget` bytes of cache allow, so a request of any size is served by
-  refilling rows, never by one giant allocation (admitting jobs also allocates a prefill cache of their
-  distinct prompts only, at most B x the longest prompt).
+- The request is a queue of jobs (prompt i, sample j). B rows hold the jobs in flight; their keys and values
+  live in a pool of pages (model.KVCache) of `memory_budget` bytes that a row takes as it grows, so a short
+  answer costs its own tokens, not max_new_tokens. B is as many rows as the pool holds at the prompt plus
+  `expected_new_tokens` each. When rows outgrow the pool, the newest is preempted: its pages are freed and its
+  job goes back to the front of the queue, to be recomputed (as vLLM does); the oldest rows always progress.
 - A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
   share one prefill: the prompt is run once and its cache copied into their rows (the GRPO group).
 - Every row writes token t at cache slot t, so rows of different lengths need no left padding: a row's
@@ -124,7 +125,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     queue = deque(range(len(jobs)))  # jobs to serve, in order; a preempted job goes back to the front
     page_bytes = PAGE * KVCache.token_bytes(cfg, model.embed_tokens.weight.dtype)
-    pages = max(memory_budget // page_bytes, KVCache.pages_for(max_len))  # at least one row of max_len
+    # the pool: the budget, but no more than every job at max_len, and at least one row of max_len
+    pages = max(min(memory_budget // page_bytes, len(jobs) * KVCache.pages_for(max_len)), KVCache.pages_for(max_len))
     expect = min(expected_new_tokens or max_new_tokens, max_new_tokens)
     B = max(1, min(len(jobs), pages // KVCache.pages_for(longest + expect)))
     cache = model.new_cache(B, max_len, pages=pages)

@@ -39,6 +39,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,7 +50,7 @@ import sample
 import solver
 from model import Transformer, check_folder
 from runtime import (append_row, atomic, barrier, device_and_dtype, gather, init_distributed, my_share,
-                     open_run_folder, print0, rank, resolve_model, share, world, write_text)
+                     open_run_folder, peak_memory, print0, rank, resolve_model, share, world, write_text)
 
 
 @dataclass
@@ -78,8 +79,11 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     # machine
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # compute/sampling dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    memory_budget_gb: float = 16.0  # KV-cache bytes a sampling call may allocate
+    memory_budget_gb: float = 16.0  # KV-cache pages a sampling call may allocate
+    expected_new_tokens: int = 1024  # rows in flight are sized for completions this long (0: max_new_tokens)
     activation_checkpointing: bool = False  # recompute each block in backward (the real presets: on, as the authors)
+    gpu_memory_gb: float = 0.0  # memory a rank may use, which the plan is checked against (0: the GPU's; CPU: none)
+    profile: bool = False  # measure each phase's peak tensor memory too, and print it beside the plan
     # a world that knows the answers (the toy world) measures the Solver on held-out problems every iteration
     eval_problems: int = 512
     eval_k: int = 4
@@ -122,13 +126,15 @@ PRESETS = {
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
                 challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=336,
                 solver_steps=10, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
-                challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0),
+                challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0,
+                expected_new_tokens=0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
     "qwen3-8b-base": dict(PAPER, model="Qwen/Qwen3-8B-Base", out_dir="runs/qwen3-8b-base"),
     "octothinker-3b": dict(PAPER, model="OctoThinker/OctoThinker-3B-Hybrid-Base", out_dir="runs/octothinker-3b"),
     "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
-NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "activation_checkpointing")  # may change on resume
+NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_tokens", "activation_checkpointing",
+                     "gpu_memory_gb", "profile")  # may change on resume
 
 
 def _flag_error(message):
@@ -164,20 +170,27 @@ class Run:
     tok: object
     device: torch.device
     dtype: torch.dtype
+    seconds: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (all steps)
+    peaks: dict = dataclasses.field(default_factory=dict)  # phase -> peak tensor bytes (--profile)
 
     def path(self, *p):
         return os.path.join(self.c.out_dir, *p)
 
 
-def frozen(run, path):
-    """A plain replica for sampling and reference log-probs, in the compute dtype, without grads."""
-    return Transformer.from_pretrained(path, dtype=run.dtype, device=run.device).eval().requires_grad_(False)
+@contextmanager
+def phase(run, name):
+    """A part of the loop, named as in the memory plan (memory.py): timed, and with --profile its peak of live
+    tensor bytes measured (runtime.peak_memory), for the table at the end of the run."""
+    t0 = time.time()
+    with peak_memory(run.device) if run.c.profile else nullcontext() as m:
+        yield
+    run.seconds[name] = run.seconds.get(name, 0.0) + time.time() - t0
+    if m is not None:
+        run.peaks[name] = max(run.peaks.get(name, 0), m.bytes)
 
 
-def trainable(run, path):
-    """fp32 master weights; FSDP2 under torchrun (bf16 compute, fp32 gradient reduction on GPU)."""
-    model = Transformer.from_pretrained(path, dtype=torch.float32, device=run.device)
-    model.checkpoint_blocks = run.c.activation_checkpointing
+def shard(run, model):
+    """FSDP2 under torchrun: each block is a unit (gathered for its forward and backward only), then the root."""
     if world() > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -188,16 +201,48 @@ def trainable(run, path):
     return model
 
 
-def full_state(model):  # every rank takes part in gathering an FSDP model's weights
+def frozen(run, path, reference=False):
+    """A model without grads in the compute dtype. The reference is sharded like the trained model; a replica
+    for sampling is kept in CPU memory on a GPU run and moved in only while it samples (`on_device`)."""
+    dev = run.device if reference or run.device.type == "cpu" else "cpu"
+    model = Transformer.from_pretrained(path, dtype=run.dtype, device=dev).eval().requires_grad_(False)
+    return shard(run, model) if reference else model
+
+
+@contextmanager
+def on_device(run, model):
+    """A parked replica on the GPU for the block; back in CPU memory after it. Nothing to move on a CPU run."""
+    if run.device.type != "cuda":
+        yield model
+        return
+    model.to(run.device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def trainable(run, path):
+    """fp32 master weights; FSDP2 under torchrun (bf16 compute, fp32 gradient reduction on GPU)."""
+    model = Transformer.from_pretrained(path, dtype=torch.float32, device=run.device)
+    model.checkpoint_blocks = run.c.activation_checkpointing
+    return shard(run, model)
+
+
+def full_state(model):  # every rank takes part in gathering an FSDP model's weights; rank 0 gets them, on the CPU
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def sampler(run, model):
-    """The current policy as a plain module for decoding: full weights gathered once per rollout."""
+    """The current policy as a plain module for decoding. Under FSDP2 each weight is cast on its shard and then
+    gathered, one at a time: no full float32 copy ever exists."""
     if world() == 1 and run.dtype == torch.float32:
         return model
-    sd = {k: v.to(run.dtype) for k, v in full_state(model).items()}
+    tied = model.config.tie_word_embeddings
+    sd = {k: v.to(run.dtype) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
     return Transformer.from_state_dict(model.config, sd, model.hf_config, device=run.device).eval().requires_grad_(False)
 
 
@@ -222,7 +267,8 @@ def generate(run, model, prompts, n, max_new_tokens, top_p, seeds, top_k=0):
         return []
     return sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=run.c.temperature,
                            top_p=top_p, top_k=top_k, eos_ids=sample.eos_ids_of(run.tok), tokenizer=run.tok,
-                           seed=seeds, memory_budget=int(run.c.memory_budget_gb * 2**30), progress=rank() == 0)
+                           seed=seeds, memory_budget=int(run.c.memory_budget_gb * 2**30),
+                           expected_new_tokens=run.c.expected_new_tokens, progress=rank() == 0)
 
 
 def vote(run, model, questions, seed):
@@ -231,8 +277,9 @@ def vote(run, model, questions, seed):
     c = run.c
     valid = [q for q in questions if q is not None]
     mine = my_share(valid)
-    outs = generate(run, model, [solver.solver_prompt(run.tok, q) for q in mine], c.m_answers,
-                    c.answer_max_new_tokens, top_p=1.0, top_k=c.vote_top_k, seeds=[seed + k for k in share(len(valid))])
+    with on_device(run, model):
+        outs = generate(run, model, [solver.solver_prompt(run.tok, q) for q in mine], c.m_answers,
+                        c.answer_max_new_tokens, top_p=1.0, top_k=c.vote_top_k, seeds=[seed + k for k in share(len(valid))])
     votes = iter(gather([solver.vote([x.text for x in row], c) for row in outs]))
     return [None if q is None else next(votes) for q in questions]
 
@@ -291,25 +338,28 @@ def histogram(ps, bins=10):
 
 def challenger_phase(run, it, prev_challenger, frozen_solver):
     c, G = run.c, run.c.challenger_group
-    model, ref = trainable(run, prev_challenger), frozen(run, prev_challenger)
+    model, ref = trainable(run, prev_challenger), frozen(run, prev_challenger, reference=True)
     opt = grpo.make_optimizer(model, c)
     prompt = challenger.challenger_prompt(run.tok)
     for step in range(load_state(run, model, opt, it, "challenger"), c.challenger_steps):
         t0 = time.time()
         mine = grpo.my_prompts(c.challenger_prompts, c.challenger_updates)  # global indices of this rank's prompts
-        outs = generate(run, sampler(run, model), [prompt] * len(mine), G, c.challenger_max_new_tokens,
-                        c.challenger_top_p, seeds=[step_seed(c, it, 1, step) + g for g in mine])
+        with phase(run, "Challenger rollouts"):
+            outs = generate(run, sampler(run, model), [prompt] * len(mine), G, c.challenger_max_new_tokens,
+                            c.challenger_top_p, seeds=[step_seed(c, it, 1, step) + g for g in mine])
         t1 = time.time()
         # the reward is batch-wide (the repetition penalty clusters every question): gather, in global order
         texts = [t for _, row in sorted(zip(gather(mine), gather([[x.text for x in row] for row in outs])))
                  for t in row]
         questions = [challenger.parse_question(t) for t in texts]
-        votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 2, step))
+        with phase(run, "Challenger voting"):
+            votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 2, step))
         rewards, stats = challenger.challenger_rewards(questions, votes, c)
         t2 = time.time()
         comps = [x for row in outs for x in row]
-        upd, tokens = train_on(run, model, ref, opt, [prompt] * len(comps), comps,
-                               [rewards[g * G + j] for g in mine for j in range(G)], G, c.challenger_updates)
+        with phase(run, "Challenger update"):
+            upd, tokens = train_on(run, model, ref, opt, [prompt] * len(comps), comps,
+                                   [rewards[g * G + j] for g in mine for j in range(G)], G, c.challenger_updates)
         ps = [s["p"] for s in stats if s["p"] is not None]
         row = dict(iteration=it, phase="challenger", step=step, reward=sum(rewards) / len(rewards),
                    valid_format=sum(s["valid_format"] for s in stats) / len(stats), p_hist=histogram(ps),
@@ -335,10 +385,12 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
             return [json.loads(line) for line in f]
     t0 = time.time()
     mine = share(c.n_problems)  # one prompt object repeated: one prefill for all
-    outs = generate(run, frozen(run, challenger_path), [challenger.challenger_prompt(run.tok)] * len(mine), 1,
-                    c.challenger_max_new_tokens, c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
+    with phase(run, "dataset"), on_device(run, frozen(run, challenger_path)) as writer:
+        outs = generate(run, writer, [challenger.challenger_prompt(run.tok)] * len(mine), 1,
+                        c.challenger_max_new_tokens, c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
     questions = gather([challenger.parse_question(row[0].text) for row in outs])
-    votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 5, 0))
+    with phase(run, "dataset"):
+        votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 5, 0))
     records, counts = solver.build_dataset(questions, votes, c)
     log(run, dict(iteration=it, phase="dataset", **counts, p_hist=histogram([r["p"] for r in records]),
                   seconds=time.time() - t0))
@@ -355,7 +407,7 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
 
 def solver_phase(run, it, prev_solver, records):
     c, G = run.c, run.c.solver_group
-    model, ref = trainable(run, prev_solver), frozen(run, prev_solver)
+    model, ref = trainable(run, prev_solver), frozen(run, prev_solver, reference=True)
     opt = grpo.make_optimizer(model, c)
     if len(records) < c.solver_problems:
         print0(f"warning: iteration {it} kept {len(records)} problems, fewer than one Solver step's "
@@ -374,12 +426,14 @@ def solver_phase(run, it, prev_solver, records):
         mine = grpo.my_prompts(c.solver_problems, c.solver_updates)
         problems = [nth(step * c.solver_problems + g) for g in mine]
         prompts = [solver.solver_prompt(run.tok, r["problem"]) for r in problems]
-        outs = generate(run, sampler(run, model), prompts, G, c.solver_max_new_tokens, c.solver_top_p,
-                        seeds=[step_seed(c, it, 3, step) + g for g in mine])
+        with phase(run, "Solver rollouts"):
+            outs = generate(run, sampler(run, model), prompts, G, c.solver_max_new_tokens, c.solver_top_p,
+                            seeds=[step_seed(c, it, 3, step) + g for g in mine])
         t1 = time.time()
         rewards = [solver.solver_reward(x.text, r["pseudo_label"]) for r, row in zip(problems, outs) for x in row]
-        upd, tokens = train_on(run, model, ref, opt, [p for p in prompts for _ in range(G)],
-                               [x for row in outs for x in row], rewards, G, c.solver_updates)
+        with phase(run, "Solver update"):
+            upd, tokens = train_on(run, model, ref, opt, [p for p in prompts for _ in range(G)],
+                                   [x for row in outs for x in row], rewards, G, c.solver_updates)
         every = gather(rewards)
         row = dict(iteration=it, phase="solver", step=step, reward=sum(every) / len(every), sample_s=t1 - t0,
                    update_s=time.time() - t1, tokens_per_s=tokens / max(1e-9, t1 - t0), **upd)
@@ -433,7 +487,38 @@ def rzero(run):
         rows.append((f"iter {it}", iteration_row(run, it) | measure(run, f"iter{it}", solver_path)))
     measured = toy_world(run).columns(c.eval_k) if toy_world(run) else []
     summary(rows, [("chal. reward", 13, "reward", "{:.3f}"), ("kept", 12, "kept", "{}")] + measured)
+    if c.profile:
+        profile(run)
     print0(f"done in {time.time() - t_start:.0f}s; models and metrics in {c.out_dir}")
+
+
+def memory_plan(run):
+    """memory.plan for this run: its ranks, its model, its prompts; the limit is --gpu-memory-gb or the GPU's."""
+    import memory
+    from model import ModelConfig
+    with open(os.path.join(run.base, "config.json")) as f:
+        shape = ModelConfig.from_hf(json.load(f))
+    cuda = run.device.type == "cuda"
+    pc = memory.PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
+                           solver_prompt_tokens=run.seconds.get("longest Solver prompt", 150))
+    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / 2**30 if cuda else 0)
+    phases, rows = memory.plan(run.c, shape, pc, cuda=cuda)
+    return phases, rows, limit and memory.verdict(run.c, shape, pc, limit, cuda)
+
+
+def profile(run):
+    """--profile: each phase's time and measured peak (the largest over ranks) beside the plan's; profile.json."""
+    phases, rows, _ = memory_plan(run)
+    peaks = {}
+    for p in gather([run.peaks]):
+        peaks |= {k: max(v, peaks.get(k, 0)) for k, v in p.items()}
+    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=peaks.get(k), plan=sum(phases[k].values()))
+             for k in phases if k in peaks}
+    print0(f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}")
+    for k, t in table.items():
+        print0(f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}")
+    if rank() == 0:
+        write_text(run.path("profile.json"), json.dumps(dict(phases=table, plan=phases, rows=rows), indent=1))
 
 
 def iteration_row(run, it):
@@ -461,16 +546,24 @@ def main(argv=None):
     init_distributed()
     try:
         try:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            if "--plan" in argv:  # print the memory plan (memory.py) and stop
+                import memory
+                pc, shape, rest = memory.parse_args([a for a in argv if a != "--plan"])
+                memory.main(parse_config(rest), pc, shape)
+                return
             c = parse_config(argv)
             base = resolve_model(c.model)
             check_folder(base)
-            open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)
             from transformers import AutoTokenizer
             try:
                 tok = AutoTokenizer.from_pretrained(base)
             except Exception:
                 raise ValueError(f"model folder {base!r} has no loadable tokenizer") from None
             run = Run(c, base, tok, *device_and_dtype(c.device, c.dtype))
+            if too_big := memory_plan(run)[2]:  # refuse before anything is written, not an hour in
+                raise ValueError(f"the run does not fit: {too_big} (python train.py ... --plan prints the plan)")
+            open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)
         except (ValueError, FileNotFoundError) as e:
             raise NothingToTrain(e) from None  # a user's mistake: one line, not a traceback
         rzero(run)

@@ -372,7 +372,7 @@ def test_solver_problems_are_reshuffled_every_epoch_and_a_short_set_warns(tmp_pa
     records = [dict(problem=f"q{i}", pseudo_label="1") for i in range(6)]
     picked = []
     for name in ("trainable", "frozen", "sampler", "export", "save_state", "log"):
-        monkeypatch.setattr(train, name, lambda *a: None)
+        monkeypatch.setattr(train, name, lambda *a, **kw: None)
     monkeypatch.setattr(train, "load_state", lambda *a: 0)
     monkeypatch.setattr(train.grpo, "make_optimizer", lambda *a: None)
     monkeypatch.setattr(train.solver, "solver_prompt", lambda tok, q: picked.append(q) or [0])

@@ -1,0 +1,254 @@
+"""
+Will it fit? The memory plan of a run: per rank and per phase, the bytes every kind of tensor takes, computed
+from the model's shape and the run's settings before anything is loaded.
+
+    python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
+    python train.py --model /path/to/model --plan --gpus 4 --gpu-memory-gb 80 --micro-batch 1 ...
+    python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8
+
+It mirrors what train.py holds in each phase (its docstring, "Memory"):
+- the model being trained: fp32 master weights, gradients (update only) and AdamW's two moments, sharded
+  over the ranks by FSDP2; during the update one block at a time is gathered in the compute dtype;
+- the reference: sharded like it, in the compute dtype (the authors: FSDP full shard);
+- a frozen replica (the Solver that votes, the Challenger that writes the dataset) only while it samples,
+  parked in CPU memory otherwise; the sampling copy of the trained model only during its rollouts;
+- rollouts: the KV-cache pool (--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens
+  per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
+- the update: the rollout batch, activations of one micro-batch (with --activation-checkpointing: each
+  block's input, plus one block recomputed in backward), one chunk of lm_head logits.
+A run checks its plan at start-up (train.main) and refuses to start one that cannot fit. The per-token
+constants below are counted from the ops in model.py / sample.py; tests/test_memory.py holds the plan
+against the peaks a real run measures (--profile) on CPU under torchrun.
+
+The wall-time estimate is a roofline: decoding reads the weights and the rows' caches once per step at the
+given bandwidth; training does 2 (old and reference log-probs) + 6 (forward and backward) + 2 (recompute)
+FLOPs per parameter and token at the given FLOP/s. Prompt lengths are estimates (--plan-prompt-tokens).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from model import PAGE, ModelConfig
+
+GiB = 2**30
+# The presets' models, as their config.json on the hub says (so a plan needs no download).
+SHAPES = {
+    "Qwen/Qwen3-4B-Base": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                               num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                               tie_word_embeddings=True),
+    "Qwen/Qwen3-8B-Base": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                               num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                               tie_word_embeddings=False),
+    "OctoThinker/OctoThinker-3B-Hybrid-Base": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
+                                                   intermediate_size=8192, num_hidden_layers=28,
+                                                   num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                                                   tie_word_embeddings=True),
+    "OctoThinker/OctoThinker-8B-Hybrid-Base": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                                                   intermediate_size=14336, num_hidden_layers=32,
+                                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                                   tie_word_embeddings=False),
+}
+SAMPLE_BYTES = 40  # per logit of a decode step: lm_head output, float32 copy, the sampler's log-softmax, top-p sort
+# (values + int64 order), cumsum and weights; counted from sample.sample_next
+LOGIT_BYTES = 20  # per logit of a log-prob chunk in the update: recomputed logits, float32 log-softmax, its grad
+
+
+@dataclass
+class PlanConfig:
+    gpus: int = 8  # ranks (torchrun processes); a real run uses its own
+    reserve_gb: float = 2.0  # of each GPU's memory (--gpu-memory-gb): CUDA context, NCCL buffers, allocator slack
+    challenger_prompt_tokens: int = 200  # the Challenger prompt in a real tokenizer's chat template
+    solver_prompt_tokens: int = 150  # the Solver's system turn and a problem
+    bandwidth_gbs: float = 1555.0  # A100-40GB HBM; for the wall-time estimate
+    tflops: float = 312.0  # A100 dense bf16
+
+
+def n_params(s: ModelConfig):
+    D, q, kv = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    block = D * (q + 2 * kv) + q * D + 3 * D * s.intermediate_size + 2 * D
+    block += 2 * s.head_dim * s.qk_norm + (q + 2 * kv) * s.attention_bias + D * (s.attention_bias and s.model_type != "qwen2")
+    embed = s.vocab_size * D * (1 if s.tie_word_embeddings else 2)
+    return embed + s.num_hidden_layers * block + D, block
+
+
+def act_bytes(s: ModelConfig, b):
+    """Bytes per token that autograd keeps for one block's backward (model.Block), in the compute dtype b and
+    float32 for the norms' statistics."""
+    D, q, kv, I = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, s.intermediate_size
+    return b * (6 * D + 7 * q + 7 * kv + 4 * I) + 4 * (2 * D + (q + kv) * s.qk_norm)
+
+
+def decode(s, c, b, rows, prompt, max_new, n, U):
+    """Transient bytes of one sampling call with `rows` in flight."""
+    kv_len = KVpages(prompt + max_new) * PAGE
+    tok = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * b
+    gathered = rows * kv_len * tok / s.num_hidden_layers  # one layer's pages, keys and values
+    logits = rows * s.vocab_size * SAMPLE_BYTES
+    arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
+    prefill = U * prompt * (act_bytes(s, b) + tok / s.num_hidden_layers) + U * s.vocab_size * 4
+    return dict(kv_gather=gathered, logits=logits + arrays, prefill=prefill)
+
+
+def KVpages(n):
+    return -(-n // PAGE)
+
+
+def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
+    """-> (phases: {phase: {item: bytes}}, rows: {rollout: rows in flight}). c: a train.TrainConfig."""
+    W = world or pc.gpus
+    b = 2 if (cuda and c.dtype != "float32") or c.dtype == "bfloat16" else 4
+    P, Pb = n_params(s)
+    tok = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * b
+    trained = dict(weights=4 * P / W, optimizer=8 * P / W)  # fp32 shards; gradients only in the update
+    ref = dict(reference=b * P / W)
+    replica = b * P  # a full copy in the compute dtype
+    sampler = replica if W > 1 or b != 4 else 0  # one process in float32 samples from the trained model itself
+    parked = 0 if cuda else replica  # on CPU, a model "off the GPU" is still in the same memory
+    rows, phases = {}, {}
+
+    def rollout(name, jobs, prompt, max_new, n, distinct):  # mirrors sample.generate's sizing
+        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * KVpages(prompt + max_new)),
+                   KVpages(prompt + max_new))
+        expect = min(c.expected_new_tokens or max_new, max_new)
+        r = max(1, min(jobs, pool // KVpages(prompt + expect)))
+        rows[name] = r
+        return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, c, b, r, prompt, max_new, n,
+                                                             max(1, min(distinct, r // n)))
+
+    def update(seqs, T, micro_batch):
+        n = micro_batch * T
+        saved = n * s.hidden_size * b * (s.num_hidden_layers + 4) if c.activation_checkpointing else \
+            n * act_bytes(s, b) * s.num_hidden_layers
+        block = n * act_bytes(s, b) * 2 if c.activation_checkpointing else n * act_bytes(s, b)  # + its grads
+        gathered = (2 * Pb * b + s.vocab_size * s.hidden_size * (b + 4)) if W > 1 else 0  # blocks; root + its grad
+        return dict(gradients=4 * P / W, fsdp_gathered=gathered, batch=seqs * T * 17, activations=saved + block,
+                    logprob_chunk=min(c.logprob_chunk, n) * s.vocab_size * LOGIT_BYTES)
+
+    G, m = c.challenger_group, c.m_answers
+    cT, sT = pc.challenger_prompt_tokens + c.challenger_max_new_tokens, pc.solver_prompt_tokens + c.solver_max_new_tokens
+    ch_jobs, votes = c.challenger_prompts * G // W, c.challenger_prompts * G // W * m
+    phases["Challenger rollouts"] = trained | ref | dict(sampling_copy=sampler, frozen_solver=parked) | rollout(
+        "Challenger rollouts", ch_jobs, pc.challenger_prompt_tokens, c.challenger_max_new_tokens, G, 1)
+    phases["Challenger voting"] = trained | ref | dict(frozen_solver=replica) | rollout(
+        "Challenger voting", votes, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, votes)
+    phases["Challenger update"] = trained | ref | dict(frozen_solver=parked) | update(ch_jobs, cT, c.micro_batch)
+    phases["dataset"] = dict(frozen_solver=replica, frozen_challenger=parked) | rollout(
+        "dataset voting", -(-c.n_problems // W) * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, c.n_problems)
+    gen = dict(frozen_solver=parked, frozen_challenger=replica) | rollout(
+        "dataset problems", -(-c.n_problems // W), pc.challenger_prompt_tokens, c.challenger_max_new_tokens, 1, 1)
+    if sum(gen.values()) > sum(phases["dataset"].values()):
+        phases["dataset"] = gen
+    S = c.solver_problems * c.solver_group // W
+    phases["Solver rollouts"] = trained | ref | dict(sampling_copy=sampler) | rollout(
+        "Solver rollouts", S, pc.solver_prompt_tokens, c.solver_max_new_tokens, c.solver_group, S)
+    phases["Solver update"] = trained | ref | update(S, sT, c.micro_batch)
+    return phases, rows
+
+
+def hours_per_iteration(c, s, pc, rows, W):
+    """Roofline wall time of one iteration on each rank: decode steps x (weights + caches) / bandwidth, plus
+    training FLOPs / FLOP/s. Completions are assumed to average --expected-new-tokens."""
+    P, _ = n_params(s)
+    b, tok = 2, 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 2
+    L = lambda mx: min(c.expected_new_tokens or mx, mx)
+    work = [  # (rows in flight, completions per rank, mean length, prompt)
+        (rows["Challenger rollouts"], c.challenger_steps * c.challenger_prompts * c.challenger_group / W,
+         L(c.challenger_max_new_tokens), pc.challenger_prompt_tokens),
+        (rows["Challenger voting"], c.challenger_steps * c.challenger_prompts * c.challenger_group * c.m_answers / W,
+         L(c.answer_max_new_tokens), pc.solver_prompt_tokens),
+        (rows["dataset problems"], c.n_problems / W, L(c.challenger_max_new_tokens), pc.challenger_prompt_tokens),
+        (rows["dataset voting"], c.n_problems * c.m_answers / W, L(c.answer_max_new_tokens), pc.solver_prompt_tokens),
+        (rows["Solver rollouts"], c.solver_steps * c.solver_problems * c.solver_group / W,
+         L(c.solver_max_new_tokens), pc.solver_prompt_tokens)]
+    decode_s = sum(jobs * n / r * (b * P + r * (p + n / 2) * tok) for r, jobs, n, p in work) / (pc.bandwidth_gbs * 1e9)
+    trained_tokens = (c.challenger_steps * c.challenger_prompts * c.challenger_group * (pc.challenger_prompt_tokens +
+                      L(c.challenger_max_new_tokens)) + c.solver_steps * c.solver_problems * c.solver_group *
+                      (pc.solver_prompt_tokens + L(c.solver_max_new_tokens))) / W
+    train_s = 10 * P * trained_tokens / (pc.tflops * 1e12)
+    return decode_s / 3600, train_s / 3600
+
+
+def shape_of(c, shape_json=None):
+    """The model's shape: --shape JSON (config.json fields), the model folder's config.json, or a known hub id."""
+    if shape_json:
+        return ModelConfig.from_hf(json.loads(shape_json))
+    from runtime import resolve_model
+    path = c.model if os.path.isdir(c.model) else None
+    if path is None and c.model in SHAPES:
+        return ModelConfig.from_hf(SHAPES[c.model])
+    path = path or resolve_model(c.model)
+    with open(os.path.join(path, "config.json")) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def verdict(c, s, pc, gpu_memory_gb, cuda=True):
+    """None if every phase fits in gpu_memory_gb, else one sentence: the phase, by how much, and a setting with
+    which the plan fits (the first of: checkpointing, a smaller micro-batch, log-prob chunk or KV pool, more GPUs)."""
+    reserve = pc.reserve_gb if cuda else 0
+    limit = (gpu_memory_gb - reserve) * GiB
+    need = lambda c, pc: max(sum(p.values()) for p in plan(c, s, pc, cuda=cuda)[0].values())
+    phases = plan(c, s, pc, cuda=cuda)[0]
+    name, items = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    if need(c, pc) <= limit:
+        return None
+    tries = [] if c.activation_checkpointing else [("--activation-checkpointing", dict(activation_checkpointing=True), None)]
+    tries += [(f"--micro-batch {m}", dict(micro_batch=m), None) for m in (4, 2, 1) if m < c.micro_batch]
+    tries += [(f"--logprob-chunk {k}", dict(logprob_chunk=k), None) for k in (512, 256) if k < c.logprob_chunk]
+    tries += [(f"--memory-budget-gb {g}", dict(memory_budget_gb=g), None) for g in (12, 8, 4) if g < c.memory_budget_gb]
+    tries += [(f"--gpus {w}", {}, w) for w in (16, 32, 64) if w > pc.gpus]
+    fix, changed, flags = "GPUs with more memory", {}, {}
+    for flag, over, w in tries:  # cumulative: checkpointing stays on while the micro-batch shrinks, ...
+        changed |= over
+        flags[next(iter(over), "gpus")] = flag
+        if need(dataclasses.replace(c, **changed), dataclasses.replace(pc, gpus=w or pc.gpus)) <= limit:
+            fix = " ".join(flags.values())
+            break
+    return (f"the {name} phase needs {sum(items.values()) / GiB:.1f} GiB per GPU, more than the {limit / GiB:.1f} "
+            f"GiB available ({gpu_memory_gb:g} GiB less {reserve:g} reserved), {max(items, key=items.get)} the "
+            f"largest part; it would fit with {fix}")
+
+
+def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
+    P, W = n_params(s)[0], pc.gpus
+    items = list(dict.fromkeys(k for p in phases.values() for k in p))
+    print(f"Memory plan: {c.model} ({P / 1e9:.2f}B parameters), {W} rank(s) x "
+          f"{gpu_memory_gb:g} GiB, KV pool {c.memory_budget_gb:g} GiB, micro-batch {c.micro_batch}, "
+          f"activation checkpointing {'on' if c.activation_checkpointing else 'off'}")
+    print("| GiB per rank | " + " | ".join(phases) + " |\n" + "|---" * (len(phases) + 1) + "|")
+    for k in [k for k in items if any(p.get(k) for p in phases.values())] + ["total"]:
+        vals = [sum(p.values()) if k == "total" else p.get(k, 0) for p in phases.values()]
+        print(f"| {k.replace('_', ' ')} | " + " | ".join(f"{v / GiB:.2f}" for v in vals) + " |")
+    print("rows in flight: " + ", ".join(f"{k} {v}" for k, v in rows.items()) +
+          f" (at {c.expected_new_tokens or 'max'} new tokens per completion)")
+    if cuda:
+        dec, tr = hours_per_iteration(c, s, pc, rows, W)
+        print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
+              f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
+              f"Qwen3-4B-Base on 8 x A100-40GB")
+
+
+def parse_args(argv):
+    """Splits the plan's own flags (PlanConfig, --shape) from train.py's -> (PlanConfig, shape JSON, the rest)."""
+    ap = argparse.ArgumentParser(allow_abbrev=False)
+    ap.error = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+    for k, v in vars(PlanConfig()).items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--shape", default=None, help="config.json fields as JSON, instead of the model's")
+    a, rest = ap.parse_known_args(argv)
+    return PlanConfig(**{k: getattr(a, k) for k in vars(PlanConfig())}), a.shape, rest
+
+
+def main(c, pc, shape_json):
+    """train.py --plan: print the plan; exit 2 with one sentence if it does not fit."""
+    gpu_gb = c.gpu_memory_gb or 40.0
+    s = shape_of(c, shape_json)
+    phases, rows = plan(c, s, pc)
+    report(c, s, pc, phases, rows, gpu_gb)
+    msg = verdict(c, s, pc, gpu_gb)
+    if msg:
+        print(f"error: does not fit: {msg}", file=sys.stderr)
+        sys.exit(2)
+    print("fits")
