@@ -75,10 +75,12 @@ def n_params(s: ModelConfig):
 
 
 def act_bytes(s: ModelConfig, b):
-    """Bytes per token that autograd keeps for one block's backward (model.Block), in the compute dtype b and
-    float32 for the norms' statistics."""
+    """Bytes per token that autograd keeps for one block's backward (model.Block), the block's input included,
+    in compute dtype b (2 or 4). Counted with saved_tensors_hooks: each RMSNorm keeps its float32 input (a
+    copy when b = 2) and its normalised output; q/k-norm, RoPE and attention keep their outputs; SwiGLU 4 x I."""
     D, q, kv, I = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, s.intermediate_size
-    return b * (6 * D + 7 * q + 7 * kv + 4 * I) + 4 * (2 * D + (q + kv) * s.qk_norm)
+    heads = (2 * b + (8 if b == 4 else 6) * s.qk_norm) * (q + kv)
+    return (24 if b == 4 else 16) * D + heads + 4 * b * I
 
 
 def decode(s, c, b, rows, prompt, max_new, n, U):
@@ -88,8 +90,13 @@ def decode(s, c, b, rows, prompt, max_new, n, U):
     gathered = rows * kv_len * tok / s.num_hidden_layers  # one layer's pages, keys and values
     logits = rows * s.vocab_size * SAMPLE_BYTES
     arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
-    prefill = U * prompt * (act_bytes(s, b) + tok / s.num_hidden_layers) + U * s.vocab_size * 4
-    return dict(kv_gather=gathered, logits=logits + arrays, prefill=prefill)
+    # a prefill of U prompts: one layer's intermediates (no grad) and its gathered pages; then the group's rows
+    # copy the prompt's pages, a layer at a time
+    prefill = U * prompt * (b * (2 * s.hidden_size + 3 * s.intermediate_size) + tok / s.num_hidden_layers)
+    copy = rows * prompt * tok / s.num_hidden_layers / 2
+    prefill = max(prefill, copy) + U * s.vocab_size * 4
+    # the prefill and a decode step's gather and logits are not alive at once: it counts only by what it exceeds
+    return dict(kv_gather=gathered, logits=logits + arrays, prefill=max(0, prefill - gathered - logits))
 
 
 def KVpages(n):
@@ -120,9 +127,10 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
 
     def update(seqs, T, micro_batch):
         n = micro_batch * T
-        saved = n * s.hidden_size * b * (s.num_hidden_layers + 4) if c.activation_checkpointing else \
+        # the saved blocks (checkpointing: each block's input, and one block recomputed) + one block's gradients
+        saved = n * (s.hidden_size * b * s.num_hidden_layers + act_bytes(s, b)) if c.activation_checkpointing else \
             n * act_bytes(s, b) * s.num_hidden_layers
-        block = n * act_bytes(s, b) * 2 if c.activation_checkpointing else n * act_bytes(s, b)  # + its grads
+        block = n * b * (s.intermediate_size + s.hidden_size)
         gathered = (2 * Pb * b + s.vocab_size * s.hidden_size * (b + 4)) if W > 1 else 0  # blocks; root + its grad
         return dict(gradients=4 * P / W, fsdp_gathered=gathered, batch=seqs * T * 17, activations=saved + block,
                     logprob_chunk=min(c.logprob_chunk, n) * s.vocab_size * LOGIT_BYTES)
@@ -207,7 +215,7 @@ def verdict(c, s, pc, gpu_memory_gb, cuda=True):
             fix = " ".join(flags.values())
             break
     return (f"the {name} phase needs {sum(items.values()) / GiB:.1f} GiB per GPU, more than the {limit / GiB:.1f} "
-            f"GiB available ({gpu_memory_gb:g} GiB less {reserve:g} reserved), {max(items, key=items.get)} the "
+            f"GiB available ({gpu_memory_gb:g} GiB less {reserve:g} reserved), {max(items, key=items.get).replace('_', ' ')} the "
             f"largest part; it would fit with {fix}")
 
 

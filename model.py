@@ -175,7 +175,9 @@ class KVCache:
     def copy_prefix(self, dst_rows, src_row, length):  # slots 0..length-1 of src_row into each of dst_rows (grown)
         n = self.pages_for(length)
         src, dst = self.table[src_row, :n].repeat(len(dst_rows)), self.table[dst_rows, :n].flatten()
-        self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]  # whole pages: the tail is the prompt's padding
+        for cache in (self.k, self.v):  # whole pages (the tail is the prompt's padding); a layer at a time, so
+            for layer in cache:  # the copy's temporary is one layer's
+                layer[dst] = layer[src]
 
     def keep_rows(self, rows):  # rows: a list; the others must have been released
         self.table, self.held = self.table[rows], [self.held[r] for r in rows]

@@ -11,9 +11,11 @@ import json
 import math
 import os
 import shutil
+import weakref
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def init_distributed():
@@ -144,48 +146,81 @@ def append_row(path, row: dict, key):
         write_text(path, "".join(rows + [json.dumps(clean) + "\n"]))
 
 
-def live_tensor_bytes():
-    """Bytes of every tensor storage the interpreter can reach (a DTensor counts its local shard): a census."""
-    import gc
-    seen = {}
-    for o in gc.get_objects():
+def _storages(objs):
+    """The distinct storages under the tensors in objs (a DTensor's: its local shard's)."""
+    out = {}
+    for o in objs:
         if isinstance(o, torch.Tensor) and not o.is_meta:
-            t = getattr(o, "_local_tensor", o)
             try:
-                st = t.untyped_storage()
+                st = getattr(o, "_local_tensor", o).untyped_storage()
             except Exception:  # tensor subclasses without a storage of their own
                 continue
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
+            out[id(st)] = st
+    return out
 
 
-class peak_memory(contextlib.ContextDecorator):
+def live_tensor_bytes():
+    """Bytes of every tensor storage the interpreter can reach: a census."""
+    import gc
+    return sum(st.nbytes() for st in _storages(gc.get_objects()).values())
+
+
+class peak_memory(TorchDispatchMode):
     """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes inside the block, everything
-    already alive included. CUDA: max_memory_allocated. CPU: the census at the start plus the running sum of
-    torch.profiler's allocation and free events (slow: for measuring, not for runs)."""
+    already alive included. CUDA: max_memory_allocated. CPU: a census at the start, then every storage an op
+    creates counts from its creation until Python's handle on it (which lives as long as the storage) is
+    finalized, whichever thread frees it; FSDP's storage resizes are followed too. (torch.profiler's memory
+    events miss frees made on gloo's threads.) Slow: for measuring, not for runs."""
 
     def __init__(self, device):
+        super().__init__()
         self.cuda, self.bytes = torch.device(device).type == "cuda", 0
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            self.base = live_tensor_bytes()
-            self.prof = torch.profiler.profile(profile_memory=True)
-            self.prof.start()
-        return self
+            return self
+        import gc
+        self.live, self.sizes = 0, {}
+        for st in _storages(gc.get_objects()).values():
+            self._track(st)
+        self.bytes, resize = self.live, torch.UntypedStorage.resize_
+
+        def resize_(st, n):  # FSDP2 frees and re-allocates gathered weights by resizing their storage
+            if id(st) in self.sizes:
+                self._count(id(st), n - self.sizes[id(st)])
+            return resize(st, n)
+        self._resize, torch.UntypedStorage.resize_ = resize, resize_
+        return super().__enter__()
+
+    def _count(self, key, delta):
+        self.sizes[key] += delta
+        self.live += delta
+        self.bytes = max(self.bytes, self.live)
+
+    def _track(self, st):
+        key = id(st)
+        if key not in self.sizes:
+            self.sizes[key] = 0
+            self._count(key, st.nbytes())
+            weakref.finalize(st, self._free, key)
+
+    def _free(self, key):
+        if key in self.sizes:  # else: freed after the block ended
+            self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for st in _storages(torch.utils._pytree.tree_leaves(out)).values():
+            self._track(st)
+        return out
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated()
             return False
-        self.prof.stop()
-        live = peak = 0  # an op's net allocation counts from its start
-        for _, nbytes in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in self.prof.events()):
-            live += nbytes
-            peak = max(peak, live)
-        self.bytes = self.base + peak
-        return False
+        torch.UntypedStorage.resize_ = self._resize
+        self.sizes = {}  # finalizers still pending find nothing to subtract
+        return super().__exit__(*exc)

@@ -34,6 +34,7 @@ runs 20 steps and keeps step 15, ours runs `solver_steps`; the toy preset is sca
 """
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -172,6 +173,7 @@ class Run:
     dtype: torch.dtype
     seconds: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (all steps)
     peaks: dict = dataclasses.field(default_factory=dict)  # phase -> peak tensor bytes (--profile)
+    solver_prompt_tokens: int = 0  # the longest Solver prompt seen (for the memory plan; 0: none yet)
 
     def path(self, *p):
         return os.path.join(self.c.out_dir, *p)
@@ -230,6 +232,14 @@ def trainable(run, path):
     return shard(run, model)
 
 
+def release(run):
+    """Frees a finished phase's models now: FSDP's hooks tie a module into reference cycles, which only the
+    cycle collector frees, so without this the last phase's weights and optimizer state stay on the GPU."""
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def full_state(model):  # every rank takes part in gathering an FSDP model's weights; rank 0 gets them, on the CPU
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -277,8 +287,10 @@ def vote(run, model, questions, seed):
     c = run.c
     valid = [q for q in questions if q is not None]
     mine = my_share(valid)
+    prompts = [solver.solver_prompt(run.tok, q) for q in mine]
+    run.solver_prompt_tokens = max([run.solver_prompt_tokens, *map(len, prompts)])
     with on_device(run, model):
-        outs = generate(run, model, [solver.solver_prompt(run.tok, q) for q in mine], c.m_answers,
+        outs = generate(run, model, prompts, c.m_answers,
                         c.answer_max_new_tokens, top_p=1.0, top_k=c.vote_top_k, seeds=[seed + k for k in share(len(valid))])
     votes = iter(gather([solver.vote([x.text for x in row], c) for row in outs]))
     return [None if q is None else next(votes) for q in questions]
@@ -478,11 +490,14 @@ def rzero(run):
         frozen_solver = frozen(run, solver_path)
         if not os.path.isdir(run.path(f"iter{it}", "challenger")):
             challenger_phase(run, it, challenger_path, frozen_solver)
+            release(run)
         challenger_path = run.path(f"iter{it}", "challenger")
         records = dataset_phase(run, it, challenger_path, frozen_solver)
         del frozen_solver
+        release(run)
         if not os.path.isdir(run.path(f"iter{it}", "solver")):
             solver_phase(run, it, solver_path, records)
+            release(run)
         solver_path = run.path(f"iter{it}", "solver")
         rows.append((f"iter {it}", iteration_row(run, it) | measure(run, f"iter{it}", solver_path)))
     measured = toy_world(run).columns(c.eval_k) if toy_world(run) else []
@@ -500,7 +515,7 @@ def memory_plan(run):
         shape = ModelConfig.from_hf(json.load(f))
     cuda = run.device.type == "cuda"
     pc = memory.PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
-                           solver_prompt_tokens=run.seconds.get("longest Solver prompt", 150))
+                           solver_prompt_tokens=run.solver_prompt_tokens or 150)
     limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / 2**30 if cuda else 0)
     phases, rows = memory.plan(run.c, shape, pc, cuda=cuda)
     return phases, rows, limit and memory.verdict(run.c, shape, pc, limit, cuda)

@@ -101,7 +101,7 @@ MARKOV_CHAIN = {  # token -> {next token: probability}; anything else -> <|im_en
 }
 
 
-def make_markov_world(path):
+def make_markov_world(path, filler=False, vocab=0, layers=1, intermediate=16, heads=2, kv_heads=1, head_dim=8):
     """A Qwen3 checkpoint + tokenizer that is a hand-set bigram chain, for fast train.py tests.
 
     One-hot embeddings (hidden size = vocab size), a block whose output projections are zero (so it starts
@@ -109,12 +109,18 @@ def make_markov_world(path):
     only. After the chat template's generation prompt it writes either `<question> What is 3 + 4 ?
     </question> \\boxed{7}` (the numbers vary) or a bare `\\boxed{8}`, so Challenger rewards, majority votes
     (p near 1/2) and the band filter all have something to work on, deterministically and in milliseconds.
+    filler: after the answer it writes `x` until max_new_tokens (every completion is as long as allowed);
+    vocab, layers, ...: a bigger model (unused words, identity blocks) with the same chain, for memory tests.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "system", "user", "assistant"]
-    words += sorted({w for k, nxt in MARKOV_CHAIN.items() for w in [k, *nxt]} - set(words))
+    chain = dict(MARKOV_CHAIN)
+    if filler:
+        chain |= {w: {"x": 1.0} for w in ("\\boxed{7}", "\\boxed{8}", "\\boxed{9}", "x")}
+    words += sorted({w for k, nxt in chain.items() for w in [k, *nxt]} - set(words))
+    words += [f"w{i}" for i in range(vocab - len(words))]
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -124,14 +130,14 @@ def make_markov_world(path):
                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
     t.save_pretrained(path)
     V = len(words)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=V, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=False,
+    cfg = Qwen3Config(vocab_size=V, hidden_size=V, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=False,
                       rms_norm_eps=1e-6, max_position_embeddings=4096)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     logp = torch.full((V, V), -30.0)  # logp[current, next]
     for cur in words:
-        for nxt, p in MARKOV_CHAIN.get(cur, {"<|im_end|>": 1.0}).items():
+        for nxt, p in chain.get(cur, {"<|im_end|>": 1.0}).items():
             logp[vocab[cur], vocab[nxt]] = math.log(p)
     with torch.no_grad():
         hf.model.embed_tokens.weight.copy_(torch.eye(V))
