@@ -202,11 +202,13 @@ def verdict(c, s, pc, gpu_memory_gb, cuda=True):
     name, items = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     if need(c, pc) <= limit:
         return None
-    tries = [] if c.activation_checkpointing else [("--activation-checkpointing", dict(activation_checkpointing=True), None)]
-    tries += [(f"--micro-batch {m}", dict(micro_batch=m), None) for m in (4, 2, 1) if m < c.micro_batch]
-    tries += [(f"--logprob-chunk {k}", dict(logprob_chunk=k), None) for k in (512, 256) if k < c.logprob_chunk]
-    tries += [(f"--memory-budget-gb {g}", dict(memory_budget_gb=g), None) for g in (12, 8, 4) if g < c.memory_budget_gb]
-    tries += [(f"--gpus {w}", {}, w) for w in (16, 32, 64) if w > pc.gpus]
+    ckpt = [] if c.activation_checkpointing else [("--activation-checkpointing", dict(activation_checkpointing=True), None)]
+    mb = [(f"--micro-batch {m}", dict(micro_batch=m), None) for m in (4, 2, 1) if m < c.micro_batch]
+    chunk = [(f"--logprob-chunk {k}", dict(logprob_chunk=k), None) for k in (512, 256) if k < c.logprob_chunk]
+    pool = [(f"--memory-budget-gb {g}", dict(memory_budget_gb=g), None) for g in (12, 8, 4) if g < c.memory_budget_gb]
+    gpus = [(f"--gpus {w}", {}, w) for w in (16, 32, 64) if w > pc.gpus]
+    first_pool = max(items, key=items.get) == "kv_cache"  # the pool first when it is the largest part
+    tries = (pool + ckpt + mb + chunk if first_pool else ckpt + mb + chunk + pool) + gpus
     fix, changed, flags = "GPUs with more memory", {}, {}
     for flag, over, w in tries:  # cumulative: checkpointing stays on while the micro-batch shrinks, ...
         changed |= over
