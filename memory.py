@@ -6,7 +6,7 @@ from the model's shape and the run's settings before anything is loaded.
     python train.py --model /path/to/model --plan --gpus 4 --gpu-memory-gb 80 --micro-batch 1 ...
     python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8
 
-It mirrors what train.py holds in each phase (its docstring, "Memory"):
+It mirrors what train.py holds in each phase (its docstring, "Memory"), per rank:
 - the model being trained: fp32 master weights, gradients (update only) and AdamW's two moments, sharded
   over the ranks by FSDP2; during the update one block at a time is gathered in the compute dtype;
 - the reference: sharded like it, in the compute dtype (the authors: FSDP full shard);
@@ -31,7 +31,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from model import PAGE, ModelConfig
+import torch
+
+import challenger
+from model import PAGE, KVCache, ModelConfig
+from runtime import gather, print0, rank, resolve_model, world, write_text
 
 GiB = 2**30
 # The presets' models, as their config.json on the hub says (so a plan needs no download).
@@ -83,10 +87,14 @@ def act_bytes(s: ModelConfig, b):
     return (24 if b == 4 else 16) * D + heads + 4 * b * I
 
 
-def decode(s, c, b, rows, prompt, max_new, n, U):
+def token_bytes(s, b):  # keys and values of one token in every layer
+    return KVCache.token_bytes(s, torch.bfloat16 if b == 2 else torch.float32)
+
+
+def decode(s, b, rows, prompt, max_new, U):
     """Transient bytes of one sampling call with `rows` in flight."""
-    kv_len = KVpages(prompt + max_new) * PAGE
-    tok = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * b
+    kv_len = KVCache.pages_for(prompt + max_new) * PAGE
+    tok = token_bytes(s, b)
     gathered = rows * kv_len * tok / s.num_hidden_layers  # one layer's pages, keys and values
     logits = rows * s.vocab_size * SAMPLE_BYTES
     arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
@@ -99,16 +107,12 @@ def decode(s, c, b, rows, prompt, max_new, n, U):
     return dict(kv_gather=gathered, logits=logits + arrays, prefill=max(0, prefill - gathered - logits))
 
 
-def KVpages(n):
-    return -(-n // PAGE)
-
-
 def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     """-> (phases: {phase: {item: bytes}}, rows: {rollout: rows in flight}). c: a train.TrainConfig."""
     W = world or pc.gpus
     b = 2 if (cuda and c.dtype != "float32") or c.dtype == "bfloat16" else 4
     P, Pb = n_params(s)
-    tok = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * b
+    tok = token_bytes(s, b)
     trained = dict(weights=4 * P / W, optimizer=8 * P / W)  # fp32 shards; gradients only in the update
     ref = dict(reference=b * P / W)
     replica = b * P  # a full copy in the compute dtype
@@ -117,12 +121,12 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     rows, phases = {}, {}
 
     def rollout(name, jobs, prompt, max_new, n, distinct):  # mirrors sample.generate's sizing
-        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * KVpages(prompt + max_new)),
-                   KVpages(prompt + max_new))
+        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * KVCache.pages_for(prompt + max_new)),
+                   KVCache.pages_for(prompt + max_new))
         expect = min(c.expected_new_tokens or max_new, max_new)
-        r = max(1, min(jobs, pool // KVpages(prompt + expect)))
+        r = max(1, min(jobs, pool // KVCache.pages_for(prompt + expect)))
         rows[name] = r
-        return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, c, b, r, prompt, max_new, n,
+        return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, b, r, prompt, max_new,
                                                              max(1, min(distinct, r // n)))
 
     def update(seqs, T, micro_batch):
@@ -160,7 +164,7 @@ def hours_per_iteration(c, s, pc, rows, W):
     """Roofline wall time of one iteration on each rank: decode steps x (weights + caches) / bandwidth, plus
     training FLOPs / FLOP/s. Completions are assumed to average --expected-new-tokens."""
     P, _ = n_params(s)
-    b, tok = 2, 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * 2
+    b, tok = 2, token_bytes(s, 2)
     L = lambda mx: min(c.expected_new_tokens or mx, mx)
     work = [  # (rows in flight, completions per rank, mean length, prompt)
         (rows["Challenger rollouts"], c.challenger_steps * c.challenger_prompts * c.challenger_group / W,
@@ -183,7 +187,6 @@ def shape_of(c, shape_json=None):
     """The model's shape: --shape JSON (config.json fields), the model folder's config.json, or a known hub id."""
     if shape_json:
         return ModelConfig.from_hf(json.loads(shape_json))
-    from runtime import resolve_model
     path = c.model if os.path.isdir(c.model) else None
     if path is None and c.model in SHAPES:
         return ModelConfig.from_hf(SHAPES[c.model])
@@ -238,6 +241,34 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
         print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
               f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
               f"Qwen3-4B-Base on 8 x A100-40GB")
+
+
+def for_run(run):
+    """The plan of a running train.py (its ranks, model and prompts) -> (phases, rows, None or why it does not
+    fit in --gpu-memory-gb, default the GPU's)."""
+    with open(os.path.join(run.base, "config.json")) as f:
+        shape = ModelConfig.from_hf(json.load(f))
+    cuda = run.device.type == "cuda"
+    pc = PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
+                    solver_prompt_tokens=run.solver_prompt_tokens or 150)
+    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / 2**30 if cuda else 0)
+    phases, rows = plan(run.c, shape, pc, cuda=cuda)
+    return phases, rows, limit and verdict(run.c, shape, pc, limit, cuda)
+
+
+def profile(run):
+    """--profile: each phase's time and measured peak (the largest over ranks) beside the plan's; profile.json."""
+    phases, rows, _ = for_run(run)
+    peaks = {}
+    for p in gather([run.peaks]):
+        peaks |= {k: max(v, peaks.get(k, 0)) for k, v in p.items()}
+    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=peaks.get(k), plan=sum(phases[k].values()))
+             for k in phases if k in peaks}
+    print0(f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}")
+    for k, t in table.items():
+        print0(f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}")
+    if rank() == 0:
+        write_text(run.path("profile.json"), json.dumps(dict(phases=table, plan=phases, rows=rows), indent=1))
 
 
 def parse_args(argv):

@@ -22,7 +22,11 @@ a flag of the same name, so a knob has one name from the command line down.
 
 Distributed (torchrun): the model being trained is sharded with FSDP2 (`fully_shard` per block, then the root);
 a plain full copy is gathered once per rollout for sampling; each rank samples its share of prompts and what the
-method needs batch-wide (votes, the repetition penalty) is gathered (runtime.py). Frozen models are replicas.
+method needs batch-wide (votes, the repetition penalty) is gathered (runtime.py).
+
+Memory (memory.py plans it, and a run checks the plan before it starts): the reference is sharded like the
+trained model; the frozen Solver and the dataset's Challenger are full replicas kept in CPU memory on a GPU run
+and moved in only while they sample (`on_device`); a finished phase's models are freed at once (`release`).
 Everything random is seeded from (seed, iteration, phase, step, item): the same samples on any number of ranks.
 
 Outputs (--out-dir): config.json, metrics.jsonl, iter{i}/{challenger,solver}/ (Hugging Face folders, float32 so
@@ -47,6 +51,7 @@ import torch
 
 import challenger
 import grpo
+import memory
 import sample
 import solver
 from model import Transformer, check_folder
@@ -503,37 +508,8 @@ def rzero(run):
     measured = toy_world(run).columns(c.eval_k) if toy_world(run) else []
     summary(rows, [("chal. reward", 13, "reward", "{:.3f}"), ("kept", 12, "kept", "{}")] + measured)
     if c.profile:
-        profile(run)
+        memory.profile(run)
     print0(f"done in {time.time() - t_start:.0f}s; models and metrics in {c.out_dir}")
-
-
-def memory_plan(run):
-    """memory.plan for this run: its ranks, its model, its prompts; the limit is --gpu-memory-gb or the GPU's."""
-    import memory
-    from model import ModelConfig
-    with open(os.path.join(run.base, "config.json")) as f:
-        shape = ModelConfig.from_hf(json.load(f))
-    cuda = run.device.type == "cuda"
-    pc = memory.PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
-                           solver_prompt_tokens=run.solver_prompt_tokens or 150)
-    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / 2**30 if cuda else 0)
-    phases, rows = memory.plan(run.c, shape, pc, cuda=cuda)
-    return phases, rows, limit and memory.verdict(run.c, shape, pc, limit, cuda)
-
-
-def profile(run):
-    """--profile: each phase's time and measured peak (the largest over ranks) beside the plan's; profile.json."""
-    phases, rows, _ = memory_plan(run)
-    peaks = {}
-    for p in gather([run.peaks]):
-        peaks |= {k: max(v, peaks.get(k, 0)) for k, v in p.items()}
-    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=peaks.get(k), plan=sum(phases[k].values()))
-             for k in phases if k in peaks}
-    print0(f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}")
-    for k, t in table.items():
-        print0(f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}")
-    if rank() == 0:
-        write_text(run.path("profile.json"), json.dumps(dict(phases=table, plan=phases, rows=rows), indent=1))
 
 
 def iteration_row(run, it):
@@ -563,7 +539,6 @@ def main(argv=None):
         try:
             argv = sys.argv[1:] if argv is None else list(argv)
             if "--plan" in argv:  # print the memory plan (memory.py) and stop
-                import memory
                 pc, shape, rest = memory.parse_args([a for a in argv if a != "--plan"])
                 memory.main(parse_config(rest), pc, shape)
                 return
@@ -576,7 +551,7 @@ def main(argv=None):
             except Exception:
                 raise ValueError(f"model folder {base!r} has no loadable tokenizer") from None
             run = Run(c, base, tok, *device_and_dtype(c.device, c.dtype))
-            if too_big := memory_plan(run)[2]:  # refuse before anything is written, not an hour in
+            if too_big := memory.for_run(run)[2]:  # refuse before anything is written, not an hour in
                 raise ValueError(f"the run does not fit: {too_big} (python train.py ... --plan prints the plan)")
             open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)
         except (ValueError, FileNotFoundError) as e:
