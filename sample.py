@@ -23,6 +23,7 @@ quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (
 import argparse
 import sys
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,14 +153,18 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
 
     def admit(rows):
         """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
-        take = []
-        for r in rows[: len(queue)]:
-            if not cache.grow([r], [len(prompts[jobs[queue[0]][0]])]):
+        take, need = [], 0
+        for q in islice(queue, len(rows)):  # the next jobs, as many as the free pages hold
+            need += KVCache.pages_for(len(prompts[jobs[q][0]]))
+            if need > len(cache.free):
                 break
-            take.append(queue.popleft())
+            take.append(q)
         if not take:
             return
+        for _ in take:
+            queue.popleft()
         rows = rows[: len(take)]
+        cache.grow(rows, [len(prompts[jobs[q][0]]) for q in take])
         lead = {}  # prompt (identical objects, e.g. [prompt] * n, count as one) -> the row its prefill runs in
         for r, q in zip(rows, take):
             lead.setdefault(id(prompts[jobs[q][0]]), (r, jobs[q][0]))
