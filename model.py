@@ -132,7 +132,10 @@ class KVCache:
 
     Rows take pages as they grow (`grow`), so the cache holds the tokens actually there, not max_len per row.
     Page 0 is scratch: unassigned table entries point to it, so writes of free rows or of padding land where
-    no row reads (reads beyond a row's own position are masked in attention)."""
+    no row reads (reads beyond a row's own position are masked in attention).
+
+    A fixed cache (new_cache without a pool) gives row r pages r*n+1 .. (r+1)*n for good: its slots are one run
+    of memory, so attention reads them in place instead of gathering the pages every layer and step."""
 
     def __init__(self, cfg: ModelConfig, rows, pages, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, pages + 1, PAGE, cfg.num_key_value_heads, cfg.head_dim)
@@ -141,6 +144,7 @@ class KVCache:
         self.table = torch.zeros(rows, -(-max_len // PAGE), dtype=torch.long, device=device)  # (rows, max_pages)
         self.held = [[] for _ in range(rows)]  # the host's copy: the pages of each row, in slot order
         self.free = list(range(pages, 0, -1))  # pop() hands out the lowest page first
+        self.fixed = False  # True: row r holds pages r*n+1 .. (r+1)*n for good, so its slots are one run (new_cache)
 
     @staticmethod
     def token_bytes(cfg: ModelConfig, dtype) -> int:  # keys + values of one token in every layer
@@ -166,7 +170,9 @@ class KVCache:
             self.table[r, j] = torch.tensor(pages, device=self.table.device)
         return True
 
-    def release(self, rows):  # the rows' pages back to the free list
+    def release(self, rows):  # the rows' pages back to the free list (a fixed row keeps them for its next job)
+        if self.fixed:
+            return
         for r in rows:
             self.free += self.held[r][::-1]
             self.held[r] = []
@@ -179,13 +185,24 @@ class KVCache:
             for layer in cache:  # the copy's temporary is one layer's
                 layer[dst] = layer[src]
 
-    def keep_rows(self, rows):  # rows: a list; the others must have been released
+    def keep_rows(self, rows, length=None):  # rows: a list; the others must have been released
+        if self.fixed:  # move the kept rows' slots (those below `length`, all by default) to the front
+            for cache in (self.k, self.v):
+                for layer in cache:
+                    runs = self._runs(layer)[:, :length]
+                    runs[: len(rows)] = runs[rows]
+            self.table, self.held = self.table[: len(rows)], self.held[: len(rows)]
+            return
         self.table, self.held = self.table[rows], [self.held[r] for r in rows]
+
+    def _runs(self, layer):  # a fixed cache's layer as (rows, max_pages * PAGE, n_kv, hd): a view, no copy
+        B, n = self.table.shape
+        return layer[1: 1 + B * n].view(B, n * PAGE, *layer.shape[2:])
 
     def view(self, rows):
         """The same pages seen through a subset of the rows (e.g. the rows a prefill writes)."""
         v = object.__new__(KVCache)
-        v.k, v.v, v.table, v.held, v.free = self.k, self.v, self.table[rows], None, None
+        v.k, v.v, v.table, v.held, v.free, v.fixed = self.k, self.v, self.table[rows], None, None, False
         return v
 
     def update(self, layer, k, v, input_pos, kv_len):
@@ -194,6 +211,8 @@ class KVCache:
         slot = input_pos % PAGE
         self.k[layer][page, slot] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
         self.v[layer][page, slot] = v.transpose(1, 2)
+        if self.fixed:  # attention reads the rows' slots in place (the gather below costs more than attention)
+            return tuple(self._runs(c[layer])[:, :kv_len].transpose(1, 2) for c in (self.k, self.v))
         pages = self.table[:, : self.pages_for(kv_len)]  # (B, n): a copy of the rows' pages, one layer at a time
         return tuple(c[layer][pages].flatten(1, 2)[:, :kv_len].transpose(1, 2) for c in (self.k, self.v))
 
@@ -297,7 +316,8 @@ class Transformer(nn.Module):
         cache = KVCache(self.config, batch, batch * KVCache.pages_for(max_len) if full else pages, max_len, dtype,
                         self.inv_freq.device)
         if full:
-            cache.grow(range(batch), [max_len] * batch)
+            cache.grow(range(batch), [max_len] * batch)  # row r gets pages r*n+1 .. (r+1)*n: the lowest first
+            cache.fixed = True
         return cache
 
     # ---------------------------------------------------------------- Hugging Face checkpoints

@@ -8,12 +8,15 @@ iteration, the Challenger's reward samples m answers for each of 2,048 questions
   answer costs its own tokens, not max_new_tokens. B is as many rows as the pool holds at the prompt plus
   `expected_new_tokens` each. When rows outgrow the pool, the newest is preempted: its pages are freed and its
   job goes back to the front of the queue, to be recomputed (as vLLM does); the oldest rows always progress.
+  When the pool holds every row at max_len anyway (a small model, or short answers: the toy run), each row
+  owns its pages for good and attention reads its slots in place: the per-layer gather of the pages, which
+  cost more than attention itself on a CPU (measured: BENCHMARKS.md), is skipped.
 - A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
   share one prefill: the prompt is run once and its cache copied into their rows (the GRPO group).
 - Every row writes token t at cache slot t, so rows of different lengths need no left padding: a row's
   query at position p attends to its own slots 0..p (model.py).
-- When the queue is empty and at most half the rows are still running, the cache is compacted to the live
-  rows, so finished rows stop costing compute.
+- When the queue is empty and 1/8 of the rows have finished, the batch is compacted to the live rows, so
+  finished rows stop costing compute.
 - Finishing is decided on the device; the host touches only the rows that finished, so per-step Python work
   does not grow with the batch (stop strings, which must be decoded, are the exception).
 
@@ -130,7 +133,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     pages = max(min(memory_budget // page_bytes, len(jobs) * KVCache.pages_for(max_len)), KVCache.pages_for(max_len))
     expect = min(expected_new_tokens or max_new_tokens, max_new_tokens)
     B = max(1, min(len(jobs), pages // KVCache.pages_for(longest + expect)))
-    cache = model.new_cache(B, max_len, pages=pages)
+    # when the pool holds every row at max_len, each row owns its pages for good and attention reads them in place
+    fixed = B * KVCache.pages_for(max_len) <= pages
+    cache = model.new_cache(B, max_len, pages=None if fixed else pages)
     eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
 
@@ -154,8 +159,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     def admit(rows):
         """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
         take, need = [], 0
-        for q in islice(queue, len(rows)):  # the next jobs, as many as the free pages hold
-            need += KVCache.pages_for(len(prompts[jobs[q][0]]))
+        for r, q in zip(rows, islice(queue, len(rows))):  # the next jobs, as many as the free pages hold
+            need += max(0, KVCache.pages_for(len(prompts[jobs[q][0]])) - len(cache.held[r]))
             if need > len(cache.free):
                 break
             take.append(q)
@@ -249,7 +254,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             if live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
                 keep = np.flatnonzero(live)
                 kt = torch.as_tensor(keep, device=dev)
-                cache.keep_rows(keep.tolist())
+                cache.keep_rows(keep.tolist(), length=int(row_pos[keep].max()))  # the slots written so far
                 row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
                 n_gen, out_tok, out_lp, tok = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
                 uniforms = uniforms[kt]

@@ -385,6 +385,34 @@ def test_paged_cache_rows_growing_in_turn_equal_the_full_forward(cached_model):
     assert len(cache.free) == before + KVCache.pages_for(lens[1] + steps) and cache.table[1].eq(0).all()
 
 
+@torch.no_grad()
+def test_fixed_cache_compacted_mid_decode_equals_the_full_forward(cached_model):
+    """A cache of rows that own their max_len slots (new_cache without a pool): attention reads it in place, a
+    released row keeps its pages, and dropping a row (keep_rows) moves the kept rows' slots to the front."""
+    model = cached_model
+    lens, steps = [12, 30, 7], 24
+    seqs = [tokens(B=1, T=n + steps, seed=40 + i)[0] for i, n in enumerate(lens)]
+    cache = model.new_cache(3, max(lens) + steps)
+    n = KVCache.pages_for(max(lens) + steps)
+    assert cache.fixed and cache.held == [list(range(1 + r * n, 1 + (r + 1) * n)) for r in range(3)]
+    for b, L in enumerate(lens):
+        model(seqs[b][None, :L], cache=cache.view(torch.tensor([b])), input_pos=torch.arange(L)[None])
+    rows, got = [0, 1, 2], [[] for _ in lens]
+    for s in range(steps):
+        if s == 10:  # row 1 is done: keep rows 2 and 0, in that order
+            cache.release([1])
+            assert cache.held[1] and not cache.free
+            cache.keep_rows([2, 0])
+            rows = [2, 0]
+        pos = torch.tensor([lens[b] + s for b in rows])
+        out = model(torch.stack([seqs[b][lens[b] + s] for b in rows])[:, None], cache=cache, input_pos=pos[:, None])
+        for i, b in enumerate(rows):
+            got[b].append(out[i, 0])
+    for b in (0, 2):
+        alone = model(seqs[b][None])[0, lens[b]:]
+        assert max_diff(torch.stack(got[b]), alone) <= TOL, b
+
+
 def test_cache_pages_grow_copy_keep():
     cfg = ModelConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=2)
     for dtype in (torch.float32, torch.bfloat16):

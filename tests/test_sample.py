@@ -396,8 +396,8 @@ def test_memory_budget_serves_every_completion(models, monkeypatch, rows):
 
     monkeypatch.setattr(model, "new_cache", recording)
     out = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos, memory_budget=budget)
-    # one cache: as many rows as the budget holds at max_new_tokens each, and the budget's pages
-    assert allocs == [(rows, max_len, rows * KVCache.pages_for(max_len))]
+    # one cache: as many rows as the budget holds at max_new_tokens each, each row owning its max_len slots
+    assert allocs == [(rows, max_len, None)]
     assert len(out) == 3 and all(len(row) == n for row in out)
     assert toks(out) == toks(unconstrained)
     assert [[c.finish_reason for c in r] for r in out] == [[c.finish_reason for c in r] for r in unconstrained]
