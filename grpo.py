@@ -27,7 +27,8 @@ Choices and departures from the paper / the authors' EasyR1 code:
   depends on how sequences fall into micro-batches; here micro-batched gradients equal one big batch.
 - Log-probs are computed in float32 from chunks of hidden states, so a [B, T, vocab] tensor never exists
   (a 151k vocab at B*T = 32k tokens would be 20 GB); each chunk is recomputed in backward.
-- old_logp may be the sampler's log-probs or None (recomputed: the detached current policy, ratio == 1).
+- old_logp may be the sampler's log-probs or None (the detached current policy, ratio == 1): train_step
+  recomputes it with the policy for every update but the first, whose policy is the sampling policy.
 - No entropy bonus, no KL in the reward, the step is skipped when the gradient norm is non-finite.
 
 FSDP2: the model is called only through `model(...)`, the lm_head is applied to the hidden states of that
@@ -36,6 +37,7 @@ clipping uses clip_grad_norm_, which handles DTensors. Every rank must hold the 
 because each micro-batch forward/backward runs collectives.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -203,10 +205,14 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
 
 
 def _micro_batches(mask, size):
-    """Yield (rows, T_mb): slices of `size` sequences, each trimmed to its last completion column."""
-    ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).tolist()  # one sync
+    """Yield (rows, T_mb): `size` sequences at a time, trimmed to their last completion column. Sequences of
+    similar length go together (sorted by length), so a micro-batch pads to its own longest, not the batch's:
+    the same sum of gradients (the normaliser is the batch's) for much less padding."""
+    ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1)  # (B,)
+    order = ends.argsort(stable=True)
+    ends = ends[order].tolist()  # one sync
     for i in range(0, mask.shape[0], size):
-        yield slice(i, i + size), int(max(ends[i:i + size]))
+        yield order[i:i + size], int(ends[min(i + size, len(ends)) - 1])
 
 
 @torch.no_grad()
@@ -266,11 +272,20 @@ def grpo_update(model, optimizer, rollout, cfg):
 
 
 def train_step(model, optimizer, rollout, ref, cfg, updates):
-    """A rollout step's training: old log-probs recomputed by the policy (so the ratio is exactly 1 at the first
-    update) and the reference's, then `updates` optimizer updates over equal slices. Mean of their stats."""
-    rollout.old_logp = rollout_logprobs(model, rollout.input_ids, rollout.completion_mask, cfg)
+    """A rollout step's training: the reference's log-probs and the old ones, recomputed by the policy before
+    its first update, then `updates` optimizer updates over equal slices. Mean of their stats, and the seconds
+    of the log-prob passes (logprob_pass_s) and of the updates (grpo_update_s).
+
+    The first slice needs no old pass: its update runs on the policy that sampled, so old_logp=None (the
+    detached current log-probs) is exactly what a recomputation would give; later slices see an updated policy."""
+    t0 = time.perf_counter()
     if ref is not None and cfg.kl_coef > 0:
         rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)
-    stats = [grpo_update(model, optimizer, part, cfg) for part in split(rollout, updates)]
+    parts = split(rollout, updates)
+    for part in parts[1:]:
+        part.old_logp = rollout_logprobs(model, part.input_ids, part.completion_mask, cfg)
+    t1 = time.perf_counter()
+    stats = [grpo_update(model, optimizer, part, cfg) for part in parts]
     good = [s for s in stats if not s["skipped"]] or stats  # a skipped update's stats are NaN
-    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {"skipped": sum(s["skipped"] for s in stats)}
+    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {
+        "skipped": sum(s["skipped"] for s in stats), "logprob_pass_s": t1 - t0, "grpo_update_s": time.perf_counter() - t1}
