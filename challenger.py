@@ -177,7 +177,7 @@ def bleu_distances(questions: list[str], symmetric: bool = True) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- clustering
 
-def average_linkage_clusters(dist, cut: float = 0.5) -> np.ndarray:
+def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray:
     """Flat clusters of average-linkage (UPGMA) agglomerative clustering: merge the closest pair of clusters
     while their average pairwise distance is < cut (strict, as sklearn's distance_threshold). Returns labels
     (B,) numbered 0.. in order of first appearance.
@@ -185,14 +185,15 @@ def average_linkage_clusters(dist, cut: float = 0.5) -> np.ndarray:
     UPGMA is monotone (a merge never creates a closer pair), so stopping at the first merge >= cut gives the
     dendrogram cut exactly. Each cluster lives in the row of its smallest member; every row keeps its nearest
     neighbour, so a merge costs O(B) plus a rescan of the rows that pointed at the merged pair. Ties: the pair
-    with the lexicographically smallest (row, column) merges first, so results are deterministic.
+    with the lexicographically smallest (row, column) merges first, so results are deterministic. weights (B,):
+    point i stands for weights[i] identical points (their distance 0 merges them first), as cluster_sizes uses.
     """
     D = np.array(dist, dtype=np.float64)  # (B, B) copy, becomes the cluster-to-cluster distance matrix
     B = D.shape[0]
     if D.shape != (B, B):
         raise ValueError(f"distance matrix must be square, got shape {D.shape}")
     rep = np.arange(B)  # cluster row of each point
-    size = np.ones(B)
+    size = np.ones(B) if weights is None else np.asarray(weights, dtype=np.float64)
     alive = np.ones(B, dtype=bool)  # rows that still hold a cluster
     np.fill_diagonal(D, np.inf)
     nn = D.argmin(1) if B else np.zeros(0, dtype=np.int64)  # (B,) nearest neighbour of each row
@@ -220,11 +221,27 @@ def average_linkage_clusters(dist, cut: float = 0.5) -> np.ndarray:
 
 
 def cluster_sizes(questions: list[str], cut: float = 0.5, symmetric: bool = True) -> list[int]:
-    """|C(x_i)| for each question of the batch."""
+    """|C(x_i)| for each question of the batch. Copies of a question of 4 or more tokens (the same whitespace tokens:
+    BLEU 1, distance 0, so they merge before anything else; a shorter copy's smoothed BLEU is below 1) are scored
+    once, as one point of their count: a Challenger that writes one long question 512 times costs one BLEU pair,
+    not 512^2, and gets the same clusters. (Not at cut 0, where nothing merges, nor in the code's one-directional
+    BLEU, where a copy's distances depend on its batch position.)"""
     if not questions:
         return []
-    labels = average_linkage_clusters(bleu_distances(questions, symmetric), cut)
-    return np.bincount(labels)[labels].tolist()
+    if not symmetric or cut <= 0:
+        labels = average_linkage_clusters(bleu_distances(questions, symmetric), cut)
+        return np.bincount(labels)[labels].tolist()
+    first, reps, point = {}, [], []  # distinct long question -> its point; each point's text; each question's point
+    for i, q in enumerate(questions):
+        key = tuple(t) if len(t := q.split()) >= 4 else i  # a short question is a point of its own
+        if key not in first:
+            first[key] = len(reps)
+            reps.append(q)
+        point.append(first[key])
+    counts = np.bincount(point)
+    labels = average_linkage_clusters(bleu_distances(reps, symmetric), cut, counts)
+    sizes = np.bincount(labels, weights=counts).astype(int)  # points per cluster, copies counted
+    return sizes[labels[point]].tolist()
 
 
 def repetition_penalty(questions: list[str], lam: float = 1.0, cut: float = 0.5, symmetric: bool = True) -> list[float]:
