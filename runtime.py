@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 import weakref
 
 import torch
@@ -159,10 +160,18 @@ def _storages(objs):
     return out
 
 
+def _census():
+    """The storages of every tensor the interpreter can reach (some deprecated module attributes warn when
+    looked at: silenced)."""
+    import gc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _storages(gc.get_objects())
+
+
 def live_tensor_bytes():
     """Bytes of every tensor storage the interpreter can reach: a census."""
-    import gc
-    return sum(st.nbytes() for st in _storages(gc.get_objects()).values())
+    return sum(st.nbytes() for st in _census().values())
 
 
 class peak_memory(TorchDispatchMode):
@@ -181,9 +190,8 @@ class peak_memory(TorchDispatchMode):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return self
-        import gc
         self.live, self.sizes = 0, {}
-        for st in _storages(gc.get_objects()).values():
+        for st in _census().values():
             self._track(st)
         self.bytes, resize = self.live, torch.UntypedStorage.resize_
 
