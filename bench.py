@@ -7,7 +7,8 @@ Benchmark: our sampler and log-prob path against transformers', side by side on 
 
 One process, the same weights (transformers' random init, saved, loaded by Transformer.from_pretrained),
 dtype, threads and inputs; medians of --repeats runs after a warm-up, ours and theirs interleaved.
-1. rollout (R-Zero's shape): P prompts of different lengths x n samples, up to max_new_tokens. Ours:
+1. rollout (R-Zero's shape): P prompts of different lengths x n samples, up to max_new_tokens, in two
+   lengths: "short" (mean ~28 new tokens, cap 64) and "long" (mean ~48, cap 128, as the toy run's answers). Ours:
    sample.generate. Theirs: generate(do_sample=True, num_return_sequences=n) on a left-padded batch, top_k=0
    (its default top_k=50 would sample another distribution). A random model's next token is near uniform, so
    vocab / mean_new_tokens random ids are all EOS: lengths are geometric, capped at max_new_tokens, the same
@@ -61,12 +62,13 @@ class BenchConfig:
     n: int = 4                      # samples per prompt
     max_new_tokens: int = 64
     mean_new_tokens: int = 32       # 1 / per-step stop probability (sets the number of EOS ids)
+    long_rollout: tuple = (128, 48)  # (max_new_tokens, mean_new_tokens) of the "long" rollout rows; () = none
     train_batch: int = 8            # sequences per forward/backward (GRPOConfig.micro_batch)
     logprob_chunk: int = 1024       # GRPOConfig.logprob_chunk
     decode_tokens: int = 64         # batch-1 decode: tokens generated after a prompt_len[1]-token prompt
     memory_budget: int = 2**30      # sample.generate's KV-cache budget
     repeats: int = 3
-    threads: int = 0                # 0 = torch's default (all cores)
+    threads: tuple = (0,)           # each count runs the whole table; 0 = torch's default (all cores)
     compile: bool = False
     seed: int = 0
 
@@ -74,7 +76,8 @@ class BenchConfig:
 PRESETS = {
     "cpu": {},
     "gpu": dict(shapes=("qwen3-1.7b", "qwen3-4b"), device="cuda", dtype="bfloat16", prompts=32, prompt_len=(32, 128),
-                n=8, max_new_tokens=256, mean_new_tokens=128, decode_tokens=256, memory_budget=32 * 2**30),
+                n=8, max_new_tokens=256, mean_new_tokens=128, decode_tokens=256, memory_budget=32 * 2**30,
+                long_rollout=(1024, 512)),
 }
 
 
@@ -242,6 +245,11 @@ def bench_shape(cfg, shape, dtype):
                                                                    min_new=cfg.decode_tokens)),
         "machine": ("machine", lambda s: machine_roofline(cfg, dtype)),  # between the runs: under the same load
     }
+    if cfg.long_rollout:  # the same prompts, longer answers
+        lcfg = replace(cfg, max_new_tokens=cfg.long_rollout[0], mean_new_tokens=cfg.long_rollout[1])
+        _, l_eos, l_pad, *_ = make_inputs(lcfg, ours.config.vocab_size)
+        runs["rollout long ours"] = ("rollout", lambda s: rollout_ours(ours, prompts, l_eos, lcfg, s))
+        runs["rollout long transformers"] = ("rollout", lambda s: rollout_hf(hf, prompts, l_eos, l_pad, lcfg, s))
     if cfg.compile:
         runs["decode b=1 ours compiled"] = ("decode", decode_compiled(ours, dec_prompt, cfg))
     res, peaks = {name: [] for name in runs}, {name: [] for name in runs}
@@ -295,7 +303,9 @@ def bench_shape(cfg, shape, dtype):
         rows[name] = (tok_s, tok_c, peak)
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {tok_s:,.0f} | {tok_c:,.0f} | {peak:,.0f} | {detail} | {100 * frac:.0f}% |")
     print()
-    for work in ("rollout", "training", "decode b=1"):
+    for work in ("rollout", "rollout long", "training", "decode b=1"):
+        if f"{work} ours" not in rows:
+            continue
         (a, ac, am), (b, bc, bm) = rows[f"{work} ours"], rows[f"{work} transformers"]
         print(f"{work}: ours / transformers = {a / b:.2f}x tokens/s ({ac / bc:.2f}x per CPU second), "
               f"{am / max(bm, 1e-9):.2f}x peak memory")
@@ -305,29 +315,31 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Ours vs transformers: rollout, training and decode throughput.")
     ap.add_argument("--preset", choices=list(PRESETS), default="cpu")
     ap.add_argument("--repeats", type=int)
-    ap.add_argument("--threads", type=int)
+    ap.add_argument("--threads", type=lambda v: tuple(int(t) for t in v.split(",")),
+                    help="thread counts, e.g. 1,2: the table once per count (0 = all cores)")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd batch-1 decode step")
     a = ap.parse_args(argv)
     over = {k: v for k, v in (("repeats", a.repeats), ("threads", a.threads)) if v is not None}
     cfg = replace(BenchConfig(**PRESETS[a.preset]), **over, compile=a.compile)
     error = ("--preset gpu needs a CUDA GPU and this torch sees none; run --preset cpu here."
              if cfg.device == "cuda" and not torch.cuda.is_available() else
-             "need --repeats >= 1 and --threads >= 0 (0 = all cores)." if cfg.repeats < 1 or cfg.threads < 0 else None)
+             "need --repeats >= 1 and --threads >= 0 (0 = all cores)." if cfg.repeats < 1 or min(cfg.threads) < 0 else None)
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     import transformers
     transformers.logging.set_verbosity_error()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dev_name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"{dev_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"load average {os.getloadavg()[0]:.1f} (above 0: other processes share the machine)")
     print(f"rollout: P={cfg.prompts} prompts of {cfg.prompt_len[0]}-{cfg.prompt_len[1]} tokens x n={cfg.n}, "
           f"max_new_tokens={cfg.max_new_tokens}, stop probability 1/{cfg.mean_new_tokens} per step; "
           f"training: {cfg.train_batch} sequences; decode: batch 1, {cfg.decode_tokens} tokens")
-    for shape in cfg.shapes:
-        bench_shape(cfg, shape, getattr(torch, cfg.dtype))
+    all_cores = torch.get_num_threads()
+    for threads in cfg.threads:
+        torch.set_num_threads(threads or all_cores)
+        for shape in cfg.shapes:
+            bench_shape(cfg, shape, getattr(torch, cfg.dtype))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
