@@ -1,7 +1,7 @@
 """
 Benchmark: our sampler and log-prob path against transformers', side by side on one random Qwen3 model.
 
-    python bench.py --preset cpu --threads 1  # a 25M-parameter Qwen3 shape, float32, ~5 min (BENCHMARKS.md)
+    python bench.py --preset cpu --threads 1,2  # a 25M-parameter Qwen3 shape, float32, ~13 min (BENCHMARKS.md)
     python bench.py --preset gpu              # Qwen3-1.7B and Qwen3-4B shapes, bfloat16, one CUDA GPU
     python bench.py --preset gpu --compile    # plus a torch.compile'd (CUDA-graph) decode step at batch 1
 

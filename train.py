@@ -2,7 +2,7 @@
 R-Zero (Huang et al., 2025), Algorithm 1: a Challenger learns to write problems its Solver is unsure about, the
 Solver learns from them, labelled by its own majority vote. No human data.
 
-    python train.py                                          # the toy world on a laptop CPU (~10 min)
+    python train.py                                          # the toy world on a laptop CPU (~5 min)
     python train.py --preset qwen3-4b-base --model /path/to/Qwen3-4B-Base            # one GPU
     torchrun --nproc_per_node=8 train.py --preset qwen3-4b-base --model Qwen/Qwen3-4B-Base
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
@@ -127,12 +127,12 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6,
              activation_checkpointing=True)
 PRESETS = {
-    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 336 : 10 x 32. With more
+    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32. With more
     # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README).
     "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
-                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=336,
-                solver_steps=10, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
-                challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=64, memory_budget_gb=1.0,
+                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=272,
+                solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
+                challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=8, memory_budget_gb=1.0,
                 expected_new_tokens=0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
     "qwen3-8b-base": dict(PAPER, model="Qwen/Qwen3-8B-Base", out_dir="runs/qwen3-8b-base"),
@@ -176,7 +176,9 @@ class Run:
     tok: object
     device: torch.device
     dtype: torch.dtype
-    seconds: dict = dataclasses.field(default_factory=dict)  # phase -> seconds (all steps)
+    seconds: dict = dataclasses.field(default_factory=dict)  # phase or "phase: kind of work" -> seconds
+    tokens: dict = dataclasses.field(default_factory=dict)  # phase -> tokens sampled
+    current: str = ""  # the phase running now
     peaks: dict = dataclasses.field(default_factory=dict)  # phase -> peak tensor bytes (--profile)
     solver_prompt_tokens: int = 0  # the longest Solver prompt seen (for the memory plan; 0: none yet)
 
@@ -188,12 +190,17 @@ class Run:
 def phase(run, name):
     """A part of the loop, named as in the memory plan (memory.py): timed, and with --profile its peak of live
     tensor bytes measured (runtime.peak_memory), for the table at the end of the run."""
-    t0 = time.time()
+    t0, outer, run.current = time.time(), run.current, name
     with peak_memory(run.device) if run.c.profile else nullcontext() as m:
         yield
-    run.seconds[name] = run.seconds.get(name, 0.0) + time.time() - t0
+    run.current = outer
+    spent(run, name, time.time() - t0)
     if m is not None:
         run.peaks[name] = max(run.peaks.get(name, 0), m.bytes)
+
+
+def spent(run, name, seconds):
+    run.seconds[name] = run.seconds.get(name, 0.0) + seconds
 
 
 def shard(run, model):
@@ -268,22 +275,25 @@ def autocast(run):
 
 def export(run, model, name):
     """The model as a Hugging Face folder with the tokenizer, written whole or not at all."""
-    sd = full_state(model)
-    if rank() == 0:
-        with atomic(run.path(name)) as tmp:
-            Transformer.save_pretrained(model, tmp, state_dict=sd)
-            run.tok.save_pretrained(tmp)
-    barrier()
+    with phase(run, "saving"):
+        sd = full_state(model)
+        if rank() == 0:
+            with atomic(run.path(name)) as tmp:
+                Transformer.save_pretrained(model, tmp, state_dict=sd)
+                run.tok.save_pretrained(tmp)
+        barrier()
 
 
 def generate(run, model, prompts, n, max_new_tokens, top_p, seeds, top_k=0):
     """sample.generate at the run's temperature (the one GRPO's log-probs assume); [] for no prompts."""
     if not prompts:
         return []
-    return sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=run.c.temperature,
+    outs = sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=run.c.temperature,
                            top_p=top_p, top_k=top_k, eos_ids=sample.eos_ids_of(run.tok), tokenizer=run.tok,
                            seed=seeds, memory_budget=int(run.c.memory_budget_gb * 2**30),
                            expected_new_tokens=run.c.expected_new_tokens, progress=rank() == 0)
+    run.tokens[run.current] = run.tokens.get(run.current, 0) + sum(len(x.tokens) for row in outs for x in row)
+    return outs
 
 
 def vote(run, model, questions, seed):
@@ -307,6 +317,8 @@ def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates
     rollout, zero = grpo.assemble(prompts, [x.tokens for x in completions], rewards, group, pad, run.c, run.device)
     with autocast(run):
         stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)
+    spent(run, f"{run.current}: log-prob passes", stats.pop("logprob_pass_s"))
+    spent(run, f"{run.current}: GRPO updates", stats.pop("grpo_update_s"))
     lens = [len(x.tokens) for x in completions]
     return stats | dict(zero_var_groups=zero / (len(rewards) // group), mean_len=sum(lens) / len(lens)), sum(lens)
 
@@ -317,11 +329,12 @@ def save_state(run, model, opt, meta):
     """state.pt: the phase in progress after a completed step. Atomic: a crash leaves the previous one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() == 0:
-        with atomic(run.path("state.pt")) as tmp:
-            torch.save(dict(model=msd, optim=osd, meta=meta, rng=torch.get_rng_state()), tmp)
-    barrier()
+    with phase(run, "saving"):
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank() == 0:
+            with atomic(run.path("state.pt")) as tmp:
+                torch.save(dict(model=msd, optim=osd, meta=meta, rng=torch.get_rng_state()), tmp)
+        barrier()
 
 
 def load_state(run, model, opt, it, phase):
@@ -475,9 +488,22 @@ def measure(run, name, solver_path):
     if not (toy := toy_world(run)):
         return {}
     out = run.path(name, "measure.json") if name != "base" else run.path("base_measure.json")
+    # the base model's numbers are the world's: kept beside it, so the next run on this world reuses them
+    key = (run.c.eval_problems, run.c.eval_k, run.c.solver_max_new_tokens, run.device.type, run.dtype)
+    kept = os.path.join(run.base, "measure-" + "-".join(str(x).removeprefix("torch.") for x in key) + ".json")
     if not os.path.isfile(out) and rank() == 0:
-        res = toy.measure(solver_path, None if name == "base" else run.path(name), run.c.eval_problems,
-                          run.c.eval_k, run.c.solver_max_new_tokens, run.device, run.dtype)
+        if name == "base" and os.path.isfile(kept):
+            with open(kept) as f:
+                res = json.load(f)
+        else:
+            with phase(run, "held-out measuring"):
+                res = toy.measure(solver_path, None if name == "base" else run.path(name), run.c.eval_problems,
+                                  run.c.eval_k, run.c.solver_max_new_tokens, run.device, run.dtype)
+            if name == "base":
+                try:
+                    write_text(kept, json.dumps(res))
+                except OSError:
+                    pass  # a read-only model folder: measured again next time
         write_text(out, json.dumps(res))
     barrier()
     with open(out) as f:
@@ -507,9 +533,26 @@ def rzero(run):
         rows.append((f"iter {it}", iteration_row(run, it) | measure(run, f"iter{it}", solver_path)))
     measured = toy_world(run).columns(c.eval_k) if toy_world(run) else []
     summary(rows, [("chal. reward", 13, "reward", "{:.3f}"), ("kept", 12, "kept", "{}")] + measured)
+    time_table(run, time.time() - t_start)
     if c.profile:
         memory.profile(run)
     print0(f"done in {time.time() - t_start:.0f}s; models and metrics in {c.out_dir}")
+
+
+def time_table(run, total):
+    """Where this process's time went: each phase, its kinds of work, its sampling speed (timing.json too)."""
+    order = ["Challenger rollouts", "Challenger voting", "Challenger update", "dataset", "Solver rollouts",
+             "Solver update", "held-out measuring", "saving"]
+    rows = [(k, run.seconds[k]) for k in order if k in run.seconds]
+    rows += [(k, v) for k, v in run.seconds.items() if k not in order and ": " not in k]  # none today
+    print0(f"\n{'where the time went':34}{'seconds':>9}{'share':>7}{'sampled tok/s':>15}")
+    for k, v in rows + [("other (loading models, the loop)", total - sum(v for _, v in rows))]:
+        tps = f"{run.tokens[k] / v:15.0f}" if run.tokens.get(k) and v > 0 else ""
+        print0(f"{k:34}{v:9.1f}{v / total:7.0%}{tps}")
+        for sub in (s for s in run.seconds if s.startswith(k + ": ")):
+            print0(f"  {sub[len(k) + 2:]:32}{run.seconds[sub]:9.1f}{run.seconds[sub] / total:7.0%}")
+    if rank() == 0:
+        write_text(run.path("timing.json"), json.dumps(dict(total=total, seconds=run.seconds, tokens=run.tokens)))
 
 
 def iteration_row(run, it):

@@ -306,3 +306,17 @@ def test_a_two_step_toy_run(tmp_path):
     assert 0 <= it["pseudo_acc"] <= 1 and it["questions"]["n"] == 16 and it["questions"]["valid"] > 0
     assert it["difficulty"] == it["questions"]["mean_difficulty"] and it["distinct"] == it["questions"]["distinct"]
     assert "pseudo acc" in r.stdout and "mean@4" in r.stdout
+    assert "where the time went" in r.stdout and "held-out measuring" in r.stdout
+    # the base model's numbers are kept beside the world; the next run on it reads them instead of measuring
+    kept = [f for f in os.listdir(world) if f.startswith("measure-8-4-")]
+    assert len(kept) == 1
+    with open(os.path.join(world, kept[0])) as f:
+        assert json.load(f) == base
+    with open(os.path.join(world, kept[0]), "w") as f:
+        json.dump(dict(base, greedy=-1.0), f)  # a marker: only a reused file holds it
+    cmd[cmd.index(out)] = out2 = str(tmp_path / "run2")
+    r = subprocess.run(cmd + ["--challenger-steps", "0", "--solver-steps", "0"], cwd=root, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out2, "base_measure.json")) as f:
+        assert json.load(f)["greedy"] == -1.0
