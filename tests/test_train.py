@@ -217,7 +217,7 @@ def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
     assert (c.beta1, c.beta2, c.dual_clip, c.m_answers, c.vote_top_k) == (0.8, 0.95, 0.0, 9, 40)
     assert train.parse_config(["--filter"]).filter is True
     d = train.parse_config([])  # the toy preset over the defaults
-    assert (d.model, d.n_problems, d.solver_steps, d.filter, d.band) == ("toy", 336, 10, True, "paper")
+    assert (d.model, d.n_problems, d.solver_steps, d.filter, d.band) == ("toy", 272, 8, True, "paper")
     assert train.parse_config(["--preset", "qwen3-4b-base"]).solver_steps == 15
 
 
