@@ -228,12 +228,10 @@ def cluster_sizes(questions: list[str], cut: float = 0.5, symmetric: bool = True
     BLEU, where a copy's distances depend on its batch position.)"""
     if not questions:
         return []
-    if not symmetric or cut <= 0:
-        labels = average_linkage_clusters(bleu_distances(questions, symmetric), cut)
-        return np.bincount(labels)[labels].tolist()
-    first, reps, point = {}, [], []  # distinct long question -> its point; each point's text; each question's point
+    dedupe = symmetric and cut > 0  # only then do copies merge before anything else
+    first, reps, point = {}, [], []  # distinct question -> its point; each point's text; each question's point
     for i, q in enumerate(questions):
-        key = tuple(t) if len(t := q.split()) >= 4 else i  # a short question is a point of its own
+        key = tuple(t) if dedupe and len(t := q.split()) >= 4 else i  # else a point of its own
         if key not in first:
             first[key] = len(reps)
             reps.append(q)
