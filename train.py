@@ -544,7 +544,6 @@ def time_table(run, total):
     order = ["Challenger rollouts", "Challenger voting", "Challenger update", "dataset", "Solver rollouts",
              "Solver update", "held-out measuring", "saving"]
     rows = [(k, run.seconds[k]) for k in order if k in run.seconds]
-    rows += [(k, v) for k, v in run.seconds.items() if k not in order and ": " not in k]  # none today
     print0(f"\n{'where the time went':34}{'seconds':>9}{'share':>7}{'sampled tok/s':>15}")
     for k, v in rows + [("other (loading models, the loop)", total - sum(v for _, v in rows))]:
         tps = f"{run.tokens[k] / v:15.0f}" if run.tokens.get(k) and v > 0 else ""
