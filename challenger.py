@@ -24,8 +24,12 @@ Choices where the paper is silent (the authors' code was read for each):
 `reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale,
 no clip at 0), -1 for a bad format (the code's -1 - 1/B: its empty question's singleton penalty is dropped); with
 solver.SolverConfig.band="code" a missing \\boxed{} answer votes as the string "None". Its known fault (scoring only when the Solver's
-majority equals the last character of the Challenger's own answer) is not reproduced; the Challenger's own
-answer is parsed for analysis only.
+majority equals the last character of the Challenger's own answer) is not reproduced.
+
+`validity_gate=True` (the lab's switch) is what that scorer meant, the authors' until December 2025: a question
+scores as if the Solver were unanimous (p = 0: reward 0, or -r_rep in the code variant) unless the Solver's
+majority is equivalent to the Challenger's own boxed answer and more than 1 in 10 answers agree. Off, the
+Challenger's own answer is never read.
 """
 import math
 from collections import Counter
@@ -70,6 +74,7 @@ class ChallengerConfig:
     repetition_penalty: bool = True  # False = the paper's "without repetition penalty" ablation
     penalty_weight: float = 1.0  # lambda
     cluster_cut: float = 0.5  # average-linkage clusters are cut at this BLEU distance
+    validity_gate: bool = False  # score only questions whose Solver majority equals the Challenger's own answer
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -249,11 +254,13 @@ def repetition_penalty(questions: list[str], lam: float = 1.0, cut: float = 0.5,
 
 # ----------------------------------------------------------------------------- the reward
 
-def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig) -> tuple[list[float], list[dict]]:
+def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig,
+                       own_answers: list | None = None) -> tuple[list[float], list[dict]]:
     """Rewards of a whole batch of B Challenger completions (every rank's, gathered): questions[i] is
     parse_question of completion i (None: bad format), votes[i] the frozen Solver's vote on it (solver.Vote:
-    .majority, .p; None where the question is None). Also per-question stats: question, valid_format, p,
-    majority, cluster_size, r_unc (the uncertainty term used), r_rep."""
+    .majority, .p; None where the question is None), own_answers[i] the Challenger's own boxed answer (read
+    only with cfg.validity_gate). Also per-question stats: question, valid_format, p, majority, cluster_size,
+    r_unc (the uncertainty term used), r_rep, gated."""
     if cfg.reward_variant not in ("paper", "code"):
         raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
     code = cfg.reward_variant == "code"
@@ -263,16 +270,19 @@ def challenger_rewards(questions: list[str | None], votes: list, cfg: Challenger
     sizes = cluster_sizes(valid_q, cfg.cluster_cut, symmetric=not code) if cfg.repetition_penalty else [0] * len(valid)
 
     rewards = [-1.0 if code else 0.0] * B
-    stats = [dict(question=None, valid_format=False, p=None, majority=None, cluster_size=0, r_unc=0.0, r_rep=0.0)
-             for _ in questions]
+    stats = [dict(question=None, valid_format=False, p=None, majority=None, cluster_size=0, r_unc=0.0, r_rep=0.0,
+                  gated=False) for _ in questions]
     for i, size in zip(valid, sizes):
         v, r_rep = votes[i], cfg.penalty_weight * size / B
+        own = own_answers[i] if cfg.validity_gate else None
+        gated = cfg.validity_gate and not (own and v.majority and v.p > 0.1 and grader.is_equiv(v.majority, own))
+        p = 0.0 if gated else v.p  # the authors' gated score: as if the Solver were sure
         if code:
-            r_unc = min(v.p, 1.0 - v.p)
+            r_unc = min(p, 1.0 - p)
             rewards[i] = r_unc - r_rep
         else:
-            r_unc = uncertainty_reward(v.p)
+            r_unc = uncertainty_reward(p)
             rewards[i] = max(0.0, r_unc - r_rep)
         stats[i].update(question=questions[i], valid_format=True, p=v.p, majority=v.majority, cluster_size=size,
-                        r_unc=r_unc, r_rep=r_rep)
+                        r_unc=r_unc, r_rep=r_rep, gated=gated)
     return rewards, stats

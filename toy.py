@@ -205,6 +205,19 @@ def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> 
     return out
 
 
+def write_problems(path: str, n: int = 272, seed: int = 99) -> None:
+    """n distinct unlabelled problems that are not held out, an equal share from each level, as JSON Lines
+    {"problem": ...}: a benchmark-shaped file for train.py's TTRL mode (--ttrl)."""
+    from runtime import write_text
+
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        p = sample_problem(list(LEVELS)[len(out) % len(LEVELS)], rng)
+        if not is_heldout(p) and p not in out:
+            out.append(p)
+    write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in out))
+
+
 # ---------------------------------------------------------------------------- tokenizer and corpus
 
 def build_tokenizer():
@@ -392,6 +405,12 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
     out = summary(rows)
     out["by_difficulty"] = {d: summary([r for r in rows if r[0] == d]) for d in sorted({r[0] for r in rows})}
     return out
+
+
+def oracle_labels(records: list[dict]) -> list[dict]:
+    """The lab's ceiling (train.py --labels oracle, never by default): the kept problems labelled by the checker
+    instead of the Solver's vote; a problem the checker cannot solve is dropped."""
+    return [r | dict(pseudo_label=str(solve(r["problem"]))) for r in records if solve(r["problem"]) is not None]
 
 
 def question_stats(questions: list[str | None]) -> dict:

@@ -93,6 +93,13 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     # a world that knows the answers (the toy world) measures the Solver on held-out problems every iteration
     eval_problems: int = 512
     eval_k: int = 4
+    # the lab (sweep.py runs them over seeds): the paper's ablations and R-Zero's siblings; the defaults are R-Zero
+    shared_model: bool = False  # one set of weights plays both roles (the paper's "one model" ablation)
+    labels: str = "vote"  # vote | oracle: the toy world's checker labels the kept problems (the ceiling; toy only)
+    ttrl: str = ""  # a JSON Lines file of problems: no Challenger, the Solver step on these every iteration (TTRL)
+    # real models: the base and every iteration's Solver measured on benchmark files (eval.py: the paper's table)
+    eval_data: str = ""  # a JSON Lines file or a folder of them
+    eval_limit: int = 0  # the first N problems of each (0: all)
 
     def __post_init__(self):
         grpo.GRPOConfig.__post_init__(self)
@@ -110,6 +117,9 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
             (self.band in ("paper", "code"), f"--band must be paper or code, got {self.band!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.labels in ("vote", "oracle"), f"--labels must be vote or oracle, got {self.labels!r}"),
+            (not (self.ttrl and self.shared_model), "--shared-model needs a Challenger, and --ttrl has none"),
+            (self.eval_limit >= 0, "--eval-limit must be >= 0"),
             (self.challenger_prompts % (world() * max(1, upd[0])) == 0,
              f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {world() * upd[0]}"),
             (self.solver_problems % (world() * max(1, upd[1])) == 0,
@@ -140,7 +150,7 @@ PRESETS = {
     "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_tokens", "activation_checkpointing",
-                     "gpu_memory_gb", "profile")  # may change on resume
+                     "gpu_memory_gb", "profile", "iterations")  # may change on resume (more iterations: it goes on)
 
 
 def _flag_error(message):
@@ -384,7 +394,8 @@ def challenger_phase(run, it, prev_challenger, frozen_solver):
         questions = [challenger.parse_question(t) for t in texts]
         with phase(run, "Challenger voting"):
             votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 2, step))
-        rewards, stats = challenger.challenger_rewards(questions, votes, c)
+        own = [challenger.parse_challenger_answer(t) for t in texts]  # read by --validity-gate only
+        rewards, stats = challenger.challenger_rewards(questions, votes, c, own)
         t2 = time.time()
         comps = [x for row in outs for x in row]
         with phase(run, "Challenger update"):
@@ -393,13 +404,22 @@ def challenger_phase(run, it, prev_challenger, frozen_solver):
         ps = [s["p"] for s in stats if s["p"] is not None]
         row = dict(iteration=it, phase="challenger", step=step, reward=sum(rewards) / len(rewards),
                    valid_format=sum(s["valid_format"] for s in stats) / len(stats), p_hist=histogram(ps),
-                   mean_p=sum(ps) / max(1, len(ps)), sample_s=t1 - t0, reward_s=t2 - t1, update_s=time.time() - t2,
+                   mean_p=sum(ps) / max(1, len(ps)), gated=sum(s["gated"] for s in stats) / len(stats), sample_s=t1 - t0, reward_s=t2 - t1, update_s=time.time() - t2,
                    tokens_per_s=tokens / max(1e-9, t1 - t0), **upd)
         save_state(run, model, opt, dict(iteration=it, phase="challenger", step=step))
         log(run, row)  # after the checkpoint: a logged step is a saved step
         print0(f"iter {it} challenger step {step + 1}/{c.challenger_steps}: reward {row['reward']:.3f}, "
                f"mean p {row['mean_p']:.2f}, {time.time() - t0:.1f}s")
     export(run, model, f"iter{it}/challenger")
+
+
+def problems_file(path):
+    """The problems of a JSON Lines file (its problem or question field, as eval.py reads benchmarks); any
+    answer field is never read."""
+    import eval
+    rows = eval.read_jsonl(path)
+    return [r[eval.pick(r, ("problem", "question"), None, "question", f"{path} line {i}")].strip()
+            for i, r in enumerate(rows, 1)]
 
 
 class NothingToTrain(Exception):
@@ -414,14 +434,21 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
         with open(out) as f:
             return [json.loads(line) for line in f]
     t0 = time.time()
-    mine = share(c.n_problems)  # one prompt object repeated: one prefill for all
-    with phase(run, "dataset"), on_device(run, frozen(run, challenger_path)) as writer:
-        outs = generate(run, writer, [challenger.challenger_prompt(run.tok)] * len(mine), 1,
-                        c.challenger_max_new_tokens, c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
-    questions = gather([challenger.parse_question(row[0].text) for row in outs])
+    if c.ttrl:  # TTRL: the same problems every iteration, from a file
+        questions = problems_file(c.ttrl)
+    else:
+        mine = share(c.n_problems)  # one prompt object repeated: one prefill for all
+        with phase(run, "dataset"), on_device(run, frozen(run, challenger_path)) as writer:
+            outs = generate(run, writer, [challenger.challenger_prompt(run.tok)] * len(mine), 1, c.challenger_max_new_tokens,
+                            c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
+        questions = gather([challenger.parse_question(row[0].text) for row in outs])
     with phase(run, "dataset"):
         votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 5, 0))
     records, counts = solver.build_dataset(questions, votes, c)
+    if c.labels == "oracle":  # the lab's ceiling: the same kept problems, labelled by the checker, not the vote
+        records = toy_world(run).oracle_labels(records)
+        counts["no_truth"] = counts["kept"] - len(records)
+        counts["kept"] = len(records)
     log(run, dict(iteration=it, phase="dataset", **counts, p_hist=histogram([r["p"] for r in records]),
                   seconds=time.time() - t0))
     print0(f"iter {it} dataset: kept {counts['kept']} of {counts['generated']} problems {counts}")
@@ -477,15 +504,16 @@ def solver_phase(run, it, prev_solver, records):
 
 def toy_world(run):
     """The one seam to a world that knows the answers: the toy world's checker measures the base and each
-    iteration from what the run wrote (the Solver, questions.json, dataset.jsonl). Real models have none."""
-    if os.path.isfile(os.path.join(run.base, "toy.json")) and run.c.eval_problems > 0:
+    iteration from what the run wrote (the Solver, questions.json, dataset.jsonl), and labels problems under
+    --labels oracle only. Real models have none."""
+    if os.path.isfile(os.path.join(run.base, "toy.json")):
         import toy
         return toy
 
 
 def measure(run, name, solver_path):
     """toy.measure of the base or an iteration, once (rank 0, kept in the run folder); {} without a toy world."""
-    if not (toy := toy_world(run)):
+    if not (toy := toy_world(run)) or run.c.eval_problems == 0:
         return {}
     out = run.path(name, "measure.json") if name != "base" else run.path("base_measure.json")
     # the base model's numbers are the world's: kept beside it, so the next run on this world reuses them
@@ -514,15 +542,19 @@ def rzero(run):
     c, t_start = run.c, time.time()
     torch.manual_seed(c.seed)
     print0(f"R-Zero: {c.iterations} iterations from {run.base} on {world()} x {run.device} -> {c.out_dir}")
-    rows = [("base", measure(run, "base", run.base))]
+    rows, evals = [("base", measure(run, "base", run.base))], [("base", benchmarks(run, "base", run.base))]
     challenger_path, solver_path = run.base, run.base
     for it in range(1, c.iterations + 1):
         os.makedirs(run.path(f"iter{it}"), exist_ok=True)
         frozen_solver = frozen(run, solver_path)
-        if not os.path.isdir(run.path(f"iter{it}", "challenger")):
-            challenger_phase(run, it, challenger_path, frozen_solver)
-            release(run)
-        challenger_path = run.path(f"iter{it}", "challenger")
+        if not c.ttrl:  # TTRL has no Challenger: its problems come from a file
+            if not os.path.isdir(run.path(f"iter{it}", "challenger")):
+                challenger_phase(run, it, challenger_path, frozen_solver)
+                release(run)
+            challenger_path = run.path(f"iter{it}", "challenger")
+        if c.shared_model:  # one set of weights: the Challenger just trained is the Solver that votes and learns
+            del frozen_solver
+            solver_path, frozen_solver = challenger_path, frozen(run, challenger_path)
         records = dataset_phase(run, it, challenger_path, frozen_solver)
         del frozen_solver
         release(run)
@@ -530,19 +562,53 @@ def rzero(run):
             solver_phase(run, it, solver_path, records)
             release(run)
         solver_path = run.path(f"iter{it}", "solver")
+        challenger_path = solver_path if c.shared_model else challenger_path
         rows.append((f"iter {it}", iteration_row(run, it) | measure(run, f"iter{it}", solver_path)))
-    measured = toy_world(run).columns(c.eval_k) if toy_world(run) else []
+        evals.append((f"iter {it}", benchmarks(run, f"iter{it}", solver_path)))
+    measured = toy_world(run).columns(c.eval_k) if toy_world(run) and c.eval_problems else []
     summary(rows, [("chal. reward", 13, "reward", "{:.3f}"), ("kept", 12, "kept", "{}")] + measured)
+    if c.eval_data:
+        benchmark_table(run, evals)
     time_table(run, time.time() - t_start)
     if c.profile:
         memory.profile(run)
     print0(f"done in {time.time() - t_start:.0f}s; models and metrics in {c.out_dir}")
 
 
+def benchmarks(run, name, solver_path):
+    """--eval-data: eval.py's greedy pass@1 of the base or an iteration's Solver on the benchmark files (every
+    rank answers its share), once: kept in the run folder (NAME/eval/results.json). None without --eval-data."""
+    if not run.c.eval_data:
+        return None
+    import eval
+    out = run.path("base_eval") if name == "base" else run.path(name, "eval")
+    if not os.path.isfile(os.path.join(out, "results.json")):
+        cfg = eval.EvalConfig(model=[solver_path], data=[run.c.eval_data], out=out, limit=run.c.eval_limit,
+                              max_new_tokens=run.c.solver_max_new_tokens, general_max_new_tokens=2 * run.c.solver_max_new_tokens,
+                              device=run.c.device, dtype=run.c.dtype, memory_budget_gb=run.c.memory_budget_gb)
+        with phase(run, "benchmarks"):
+            eval.run(cfg)
+    barrier()
+    with open(os.path.join(out, "results.json")) as f:
+        (res,) = json.load(f)["results"].values()
+    return res
+
+
+def benchmark_table(run, evals):
+    """The paper's table (rows: base, iterations; columns: benchmarks, MATH AVG), also as benchmarks.md."""
+    cols = list(evals[0][1])
+    cell = lambda v: "-" if v is None else f"{v['score'] if isinstance(v, dict) else v:.2f}"
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(res.get(k)) for k in cols) + " |" for name, res in evals]
+    print0("\n" + "\n".join(lines))
+    if rank() == 0:
+        write_text(run.path("benchmarks.md"), "\n".join(lines) + "\n")
+
+
 def time_table(run, total):
     """Where this process's time went: each phase, its kinds of work, its sampling speed (timing.json too)."""
     order = ["Challenger rollouts", "Challenger voting", "Challenger update", "dataset", "Solver rollouts",
-             "Solver update", "held-out measuring", "saving"]
+             "Solver update", "held-out measuring", "benchmarks", "saving"]
     rows = [(k, run.seconds[k]) for k in order if k in run.seconds]
     print0(f"\n{'where the time went':34}{'seconds':>9}{'share':>7}{'sampled tok/s':>15}")
     for k, v in rows + [("other (loading models, the loop)", total - sum(v for _, v in rows))]:
@@ -593,6 +659,15 @@ def main(argv=None):
             except Exception:
                 raise ValueError(f"model folder {base!r} has no loadable tokenizer") from None
             run = Run(c, base, tok, *device_and_dtype(c.device, c.dtype))
+            if c.labels == "oracle" and not toy_world(run):
+                raise ValueError("--labels oracle needs a world that knows the answers (the toy world); "
+                                 f"{base!r} is not one")
+            if c.ttrl and not problems_file(c.ttrl):  # a missing or unreadable file ends here, in one sentence
+                raise ValueError(f"--ttrl file {c.ttrl!r} holds no problems")
+            if c.eval_data:
+                import eval
+                for p in eval.benchmark_paths([c.eval_data]):
+                    eval.load_benchmark(p, eval.EvalConfig(limit=c.eval_limit))
             if too_big := memory.for_run(run)[2]:  # refuse before anything is written, not an hour in
                 raise ValueError(f"the run does not fit: {too_big} (python train.py ... --plan prints the plan)")
             open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)

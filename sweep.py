@@ -1,0 +1,264 @@
+"""
+The R-Zero lab: the paper's ablations and R-Zero's siblings as arms of train.py flags, run over seeds, summarised
+with their spread in one table and one picture.
+
+    python sweep.py                                   # every arm x seeds 0 1 2 on the toy world -> runs/sweep
+    python sweep.py --arms full untrained-challenger --seeds 0 1 --jobs 2
+    python sweep.py --table-only                      # the table and the picture from the runs already there
+    python sweep.py --out runs/lr --arms full -- --lr 1e-4    # flags after -- go to every run
+
+Each (arm, seed) is one process, `python train.py --seed S --out-dir OUT/ARM/seedS FLAGS`, its output in
+OUT/ARM/seedS/log.txt; --jobs of them run at once with cores / jobs threads each (train.py gives the same
+numbers at any thread count). A sweep killed and re-run with the same command resumes every unfinished run where
+it stopped (train.py resumes from its folder) and skips finished ones.
+
+Outputs, once every run is done: OUT/results.md and OUT/results.json (per arm and iteration: the held-out mean@4
+as the mean over seeds and its spread, min..max, with pseudo-label accuracy, kept problems and question
+difficulty as means), and OUT/results.svg (mean@4 and pseudo-label accuracy per iteration, one line per arm).
+The numbers come from the toy world's checker (train.py's held-out measuring): a sweep on a real model has none,
+and its table is train.py --eval-data's, per run.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TTRL_FILE = "{out}/ttrl_problems.jsonl"  # the toy world writes it (toy.write_problems); --ttrl-data for another
+
+ARMS = {  # name -> train.py flags: one switch each, the rest the preset's
+    "full": ["--iterations", "5"],  # the full method, 5 iterations: does it collapse, and when?
+    "untrained-challenger": ["--challenger-steps", "0"],  # did the gain need a trained Challenger at all?
+    "no-repetition-penalty": ["--no-repetition-penalty"],
+    "no-filter": ["--no-filter"],
+    "shared-model": ["--shared-model"],  # one set of weights plays both roles
+    "oracle-labels": ["--labels", "oracle"],  # the ceiling: the checker's answers instead of the majority vote
+    "ttrl": ["--ttrl", TTRL_FILE],  # no Challenger: the Solver step on a fixed file of unlabelled problems
+    "validity-gate": ["--validity-gate"],  # the Challenger scores only where the Solver's majority = its answer
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once (default: one per core)")
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--ttrl-data", help="the TTRL arm's problems (JSON Lines); default: toy problems it writes")
+    ap.add_argument("--table-only", action="store_true", help="summarise the runs already there; run nothing")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if unknown := [x for x in a.arms if x not in ARMS]:
+        ap.error(f"unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})")
+    if a.jobs < 1 or not a.seeds:
+        ap.error("--jobs must be >= 1 and --seeds must name at least one seed")
+    return a, extra
+
+
+def runs_of(a, extra):
+    """(arm, seed, folder, train.py arguments) of every run of the sweep."""
+    out = []
+    for arm in a.arms:
+        flags = [f.replace(TTRL_FILE, a.ttrl_data or TTRL_FILE.format(out=a.out)) for f in ARMS[arm]]
+        for seed in a.seeds:
+            folder = os.path.join(a.out, arm, f"seed{seed}")
+            out.append((arm, seed, folder, ["--seed", str(seed), "--out-dir", folder, *flags, *extra]))
+    return out
+
+
+def iterations_of(args):
+    import train
+    return train.parse_config(args).iterations
+
+
+def results_of(folder):
+    """base and per-iteration numbers of one run folder: what train.py's held-out measuring wrote."""
+    def load(path):
+        with open(path) as f:
+            return json.load(f)
+    res = {"base": load(p)} if os.path.isfile(p := os.path.join(folder, "base_measure.json")) else {}
+    kept = {}
+    if os.path.isfile(m := os.path.join(folder, "metrics.jsonl")):
+        with open(m) as f:
+            kept = {r["iteration"]: r["kept"] for r in map(json.loads, f) if r["phase"] == "dataset"}
+    it = 1
+    while os.path.isfile(p := os.path.join(folder, f"iter{it}", "measure.json")):
+        res[it] = load(p) | dict(kept=kept.get(it))
+        it += 1
+    return res
+
+
+def finished(folder, args):
+    return len([k for k in results_of(folder) if k != "base"]) >= iterations_of(args)
+
+
+def run_all(todo, jobs):
+    """Runs train.py for each (arm, seed, folder, args), `jobs` at a time. Returns the runs that failed."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    running, failed = {}, []
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                arm, seed, folder, args = todo.pop(0)
+                os.makedirs(folder, exist_ok=True)
+                log = open(os.path.join(folder, "log.txt"), "a")
+                p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], stdout=log,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=threads))
+                running[p] = (arm, seed, folder, log, time.time())
+                print(f"started {arm} seed {seed} ({len(todo)} waiting)", flush=True)
+            time.sleep(1)
+            for p in [p for p in running if p.poll() is not None]:
+                arm, seed, folder, log, t0 = running.pop(p)
+                log.close()
+                spent = os.path.join(folder, "sweep_seconds.json")  # wall seconds over every attempt
+                total = time.time() - t0 + (json.load(open(spent)) if os.path.isfile(spent) else 0.0)
+                with open(spent, "w") as f:
+                    json.dump(total, f)
+                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {folder}/log.txt)"
+                print(f"{arm} seed {seed}: {status}, {time.time() - t0:.0f}s", flush=True)
+                if p.returncode != 0:
+                    failed.append((arm, seed, folder))
+    finally:
+        for p in running:  # an interrupted sweep stops its runs; the next one resumes them
+            p.terminate()
+    return failed
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+def stats(xs):
+    xs = [x for x in xs if x is not None]
+    return dict(mean=sum(xs) / len(xs), min=min(xs), max=max(xs), n=len(xs)) if xs else None
+
+
+def summarise(a, runs):
+    """{arm: {iteration: {metric: stats over seeds}}}, the base's numbers, the machine time of the runs."""
+    table, base, seconds = {}, None, 0.0
+    for arm, seed, folder, _ in runs:
+        res = results_of(folder)
+        base = base or res.get("base")
+        if os.path.isfile(s := os.path.join(folder, "sweep_seconds.json")):
+            with open(s) as f:
+                seconds += json.load(f)
+        for it, r in res.items():
+            if it != "base":
+                kept = int(r["kept"]) if r.get("kept") is not None else None
+                for key, v in dict(mean_at_k=r["mean_at_k"], greedy=r["greedy"], pseudo_acc=r.get("pseudo_acc"),
+                                   kept=kept, difficulty=r.get("difficulty")).items():
+                    table.setdefault(arm, {}).setdefault(it, {}).setdefault(key, []).append(v)
+    per_seed = {arm: {it: v["mean_at_k"] for it, v in its.items()} for arm, its in table.items()}
+    table = {arm: {it: {k: stats(v) for k, v in m.items()} for it, m in sorted(its.items())}
+             for arm, its in table.items()}
+    return table, per_seed, base, seconds
+
+
+def markdown(table, per_seed, base, seeds, wall, machine):
+    pct = lambda s: "-" if s is None else f"{100 * s['mean']:.1f}"
+    b = 100 * base["mean_at_k"] if base else float("nan")
+    n_it = max((max(its) for its in table.values()), default=0)
+    head = "| arm | " + " | ".join(f"iter {i}" for i in range(1, n_it + 1)) + " |"
+    lines = [f"Held-out mean@4 (%), mean over seeds {', '.join(map(str, seeds))} [min, max]; base {b:.1f}.", "",
+             head, "|---" * (n_it + 1) + "|"]
+    for arm, its in table.items():
+        cells = [f"{pct(its[i]['mean_at_k'])} [{100 * its[i]['mean_at_k']['min']:.1f}, "
+                 f"{100 * its[i]['mean_at_k']['max']:.1f}]" if i in its else "" for i in range(1, n_it + 1)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Per arm and iteration, means over seeds: held-out mean@4 and its gain over the base (points), greedy "
+              "accuracy, pseudo-label accuracy of the kept problems, problems kept (of those generated), mean "
+              "difficulty of the questions, the seeds' mean@4.", "",
+              "| arm | iter | mean@4 | gain | greedy | pseudo acc | kept | difficulty | seeds' mean@4 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arm, its in table.items():
+        for i, m in its.items():
+            seeds_ = " / ".join(f"{100 * x:.1f}" for x in per_seed[arm][i])
+            gain = 100 * m["mean_at_k"]["mean"] - b
+            kept = "-" if m["kept"] is None else f"{m['kept']['mean']:.0f}"
+            diff = "-" if m["difficulty"] is None else f"{m['difficulty']['mean']:.2f}"
+            lines.append(f"| {arm} | {i} | {pct(m['mean_at_k'])} | {gain:+.1f} | {pct(m['greedy'])} | "
+                         f"{pct(m['pseudo_acc'])} | {kept} | {diff} | {seeds_} |")
+    lines += ["", f"{machine}: {wall / 60:.0f} min of machine time over the runs (each run's wall time summed)."]
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+def svg(table, base, path):
+    """Two panels, mean@4 and pseudo-label accuracy per iteration, one line per arm with its seeds' min..max as
+    bars; the base's mean@4 dashed. Plain SVG text: no plotting library."""
+    W, H, L, T, PW, PH, GAP = 960, 380, 60, 40, 330, 260, 110
+    n_it = max((max(its) for its in table.values()), default=1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
+    for panel, (key, title) in enumerate([("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")]):
+        x0 = L + panel * (PW + GAP)
+        vals = [v for its in table.values() for m in its.values() if m[key] for v in (m[key]["min"], m[key]["max"])]
+        vals += [base["mean_at_k"]] if key == "mean_at_k" and base else []
+        lo, hi = (min(vals), max(vals)) if vals else (0, 1)
+        lo, hi = lo - 0.02 - (hi - lo) * 0.05, hi + 0.02 + (hi - lo) * 0.05
+        X = lambda i: x0 + PW * (i - 0.7) / (n_it - 0.4)
+        Y = lambda v: T + PH * (hi - v) / (hi - lo)
+        out.append(f'<text x="{x0 + PW / 2}" y="{T - 14}" text-anchor="middle" font-size="14">{title}</text>')
+        out.append(f'<rect x="{x0}" y="{T}" width="{PW}" height="{PH}" fill="none" stroke="#444"/>')
+        for k in range(5):
+            v = lo + (hi - lo) * (k + 0.5) / 5
+            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#ddd"/>'
+                       f'<text x="{x0 - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{100 * v:.0f}</text>')
+        for i in range(1, n_it + 1):
+            out.append(f'<text x="{X(i):.1f}" y="{T + PH + 16}" text-anchor="middle">{i}</text>')
+        out.append(f'<text x="{x0 + PW / 2}" y="{T + PH + 34}" text-anchor="middle">iteration</text>')
+        if key == "mean_at_k" and base:
+            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{Y(base[key]):.1f}" y2="{Y(base[key]):.1f}" '
+                       f'stroke="#000" stroke-dasharray="5,4"/><text x="{x0 + 4}" y="{Y(base[key]) - 4:.1f}">base</text>')
+        for (arm, its), colour in zip(table.items(), COLOURS):
+            pts = [(X(i), m[key]) for i, m in its.items() if m[key]]
+            if pts:
+                out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
+                           + " ".join(f"{x:.1f},{Y(s['mean']):.1f}" for x, s in pts) + '"/>')
+            for x, s in pts:
+                out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(s["min"]):.1f}" y2="{Y(s["max"]):.1f}" '
+                           f'stroke="{colour}" opacity="0.5"/><circle cx="{x:.1f}" cy="{Y(s["mean"]):.1f}" r="3" '
+                           f'fill="{colour}"/>')
+    for k, ((arm, _), colour) in enumerate(zip(table.items(), COLOURS)):  # the legend, right of the panels
+        y = T + 8 + 18 * k
+        out.append(f'<line x1="{W - 165}" x2="{W - 145}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="3"/>'
+                   f'<text x="{W - 140}" y="{y + 4}">{arm}</text>')
+    from runtime import write_text
+    write_text(path, "\n".join(out + ["</svg>"]) + "\n")
+
+
+def main(argv=None):
+    a, extra = parse_args(argv)
+    runs = runs_of(a, extra)
+    t0 = time.time()
+    if not a.table_only:
+        if "ttrl" in a.arms and not a.ttrl_data and not os.path.isfile(TTRL_FILE.format(out=a.out)):
+            import toy  # toy problems that are not the held-out set, unlabelled, the size of one dataset phase
+            toy.write_problems(TTRL_FILE.format(out=a.out), n=272)
+        try:
+            todo = [r for r in runs if not finished(r[2], r[3])]
+        except ValueError as e:  # a bad flag after --: train.py's own sentence
+            sys.exit(f"error: {e}")
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished; {a.jobs} at a time -> {a.out}")
+        if failed := run_all(todo, a.jobs):
+            sys.exit(f"error: {len(failed)} run(s) failed: " + ", ".join(f"{arm} seed {s}" for arm, s, _ in failed))
+    table, per_seed, base, seconds = summarise(a, runs)
+    if not table:
+        sys.exit(f"error: no finished iteration under {a.out} (run the sweep first)")
+    machine = f"{os.cpu_count()} cores, {a.jobs} runs at a time"
+    md = markdown(table, per_seed, base, a.seeds, seconds, machine)
+    if not a.table_only:
+        md += f"This invocation: {(time.time() - t0) / 60:.0f} min wall.\n"
+    from runtime import write_text
+    write_text(os.path.join(a.out, "results.md"), md)
+    write_text(os.path.join(a.out, "results.json"), json.dumps(dict(arms={arm: ARMS[arm] for arm in table}, extra=extra,
+               seeds=a.seeds, base=base, table=table, per_seed=per_seed, machine_seconds=seconds), indent=1))
+    svg(table, base, os.path.join(a.out, "results.svg"))
+    print("\n" + md + f"\n{a.out}/results.md, results.json, results.svg")
+
+
+if __name__ == "__main__":
+    main()
