@@ -596,7 +596,7 @@ def benchmarks(run, name, solver_path):
 
 def benchmark_table(run, evals):
     """The paper's table (rows: base, iterations; columns: benchmarks, MATH AVG), also as benchmarks.md."""
-    cols = list(evals[0][1])
+    cols = [k for k, v in evals[0][1].items() if v is not None]  # GENERAL AVG is None without general benchmarks
     cell = lambda v: "-" if v is None else f"{v['score'] if isinstance(v, dict) else v:.2f}"
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(res.get(k)) for k in cols) + " |" for name, res in evals]

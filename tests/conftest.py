@@ -93,6 +93,18 @@ def tiny_qwen3(tmp_path):
     return str(d), hf
 
 
+@pytest.fixture(scope="session")
+def small_toy(tmp_path_factory):
+    """A toy world small enough to build in seconds (300 pretraining steps), yet one that writes parsable
+    questions and boxed answers, for train.py runs that the checker measures."""
+    import toy
+    cfg = toy.ToyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=32, steps=300, batch_size=8, seq_len=128, warmup=20)
+    path = str(tmp_path_factory.mktemp("small_toy") / "world")
+    toy.build_toy(path, cfg, log_every=0)
+    return path
+
+
 MARKOV_CHAIN = {  # token -> {next token: probability}; anything else -> <|im_end|>
     "assistant": {"<question>": 0.6, "\\boxed{7}": 0.25, "\\boxed{8}": 0.15},
     "<question>": {"What": 1.0}, "What": {"is": 1.0}, "is": {"3": 0.5, "5": 0.5},

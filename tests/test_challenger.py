@@ -284,6 +284,28 @@ def test_code_variant_reward():
         ch.challenger_rewards(questions, votes, ChallengerConfig(reward_variant="nope"))
 
 
+def test_validity_gate_scores_only_questions_whose_majority_is_the_challengers_answer():
+    """--validity-gate: the authors' scorer until December 2025. Own answers: half 1 (= majority), sure 7 (=, but
+    unanimous: 0 anyway), dup 3 (=) and none, p30 40320.0 (equivalent), mute none, p70 49 (a minority answer)."""
+    questions, votes = batch_votes()
+    own = [ch.parse_challenger_answer(t) for t in BATCH]
+    assert own == ["1", "7", "3", None, None, None, None, None]
+    own[5], own[7] = "40320.0", "49"
+    rewards, stats = ch.challenger_rewards(questions, votes, ChallengerConfig(validity_gate=True), own)
+    assert rewards == pytest.approx([1 - 1 / 8, 0.0, 1 - 2 / 8, 0.0, 0.0, 0.6 - 1 / 8, 0.0, 0.0], abs=1e-12)
+    assert [s["gated"] for s in stats] == [False, False, False, True, False, False, True, True]
+    assert [s["p"] for s in stats] == [0.5, 1.0, 0.5, 0.5, None, 0.3, 0.0, 0.7]  # the vote itself is kept
+    code, _ = ch.challenger_rewards(questions, votes, ChallengerConfig(validity_gate=True, reward_variant="code"), own)
+    assert code[3] == pytest.approx(-2 / 8) and code[7] == pytest.approx(-1 / 8)  # min(0, 1) - r_rep
+    # off (the default), the Challenger's own answers are never read
+    assert ch.challenger_rewards(questions, votes, ChallengerConfig(), own)[0] == \
+        ch.challenger_rewards(questions, votes, ChallengerConfig())[0]
+    # p = 0.1 (1 of 10 agrees with the Challenger) is gated too, as the authors' score > 0.1
+    one = [solver.Vote("5", 0.1, [])]
+    assert ch.challenger_rewards(["What?"], one, ChallengerConfig(validity_gate=True, repetition_penalty=False),
+                                 ["5"])[1][0]["gated"]
+
+
 def test_code_variant_takes_bleu_from_the_lower_index():
     """The code variant clusters on the code's one-direction BLEU (hypothesis = lower batch index), the paper
     variant on the mean of both directions. A sentence and its first 9 words: BLEU(long, short) = 0.513,

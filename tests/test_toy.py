@@ -10,7 +10,6 @@ import grader
 import solver
 import toy
 
-SMALL_STEPS = 300  # enough for a small world to write parsable questions and boxed answers
 TINY = toy.ToyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, steps=3, batch_size=4, seq_len=64, warmup=1)
 
@@ -272,17 +271,16 @@ def test_measure_reads_what_an_iteration_wrote(tiny_toy, tmp_path):
     assert all(k in res and isinstance(res[k], float) for _, _, k, _ in cols)
 
 
-def test_a_two_step_toy_run(tmp_path):
+def test_a_two_step_toy_run(tmp_path, small_toy):
     """train.py on a toy world: one Challenger step and one Solver step, measured by the checker (held-out accuracy
     before and after, pseudo-label accuracy, question stats) and printed in the summary table."""
     import json
+    import shutil
     import subprocess
     import sys
 
-    cfg = toy.ToyConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=32, steps=SMALL_STEPS, batch_size=8, seq_len=128, warmup=20)
     world, out = str(tmp_path / "world"), str(tmp_path / "run")
-    toy.build_toy(world, cfg, log_every=0)
+    shutil.copytree(small_toy, world, ignore=shutil.ignore_patterns("measure-*"))  # no kept base numbers yet
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "train.py"), "--model", world, "--out-dir", out, "--iterations", "1",
            "--challenger-steps", "1", "--solver-steps", "1", "--challenger-prompts", "4", "--m-answers", "4",
