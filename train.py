@@ -8,6 +8,12 @@ Solver learns from them, labelled by its own majority vote. No human data.
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
         train.py --preset qwen3-8b-base --model Qwen/Qwen3-8B-Base   # and --node_rank=1 on the other node
     python train.py --challenger-steps 0 --out-dir runs/untrained-challenger   # the key ablation
+    python train.py --preset qwen3-4b-base --eval-data benchmarks/   # ... ending with the paper's table
+
+The lab (sweep.py runs them over seeds): --challenger-steps 0, --no-repetition-penalty, --no-filter (the paper's
+ablations), --shared-model (one set of weights plays both roles), --validity-gate (the authors' old scorer),
+--labels oracle (toy world only: the checker's answers replace the vote, the ceiling), --ttrl FILE (TTRL: no
+Challenger, the Solver step on a file's problems), --iterations 5 (a finished run goes on).
 
 Each iteration (RZERO.md, "Loop"), in the order of this file:
   1. Challenger phase: GRPO on the Challenger, rewarded by the frozen Solver's uncertainty (challenger.py).
@@ -31,7 +37,9 @@ Everything random is seeded from (seed, iteration, phase, step, item): the same 
 
 Outputs (--out-dir): config.json, metrics.jsonl, iter{i}/{challenger,solver}/ (Hugging Face folders, float32 so
 that lr-1e-6 updates survive), iter{i}/questions.json (all N questions), iter{i}/dataset.jsonl, and state.pt
-(the phase in progress, written atomically after every step): re-running the same command resumes.
+(the phase in progress, written atomically after every step): re-running the same command resumes. The toy
+world adds base_measure.json and iter{i}/measure.json; --eval-data adds base_eval/, iter{i}/eval/ (eval.py's
+results) and benchmarks.md.
 
 Departures from the paper: AdamW with fp32 master weights (bf16 compute on GPU); the authors' Solver phase
 runs 20 steps and keeps step 15, ours runs `solver_steps`; the toy preset is scaled down (see toy.py).
