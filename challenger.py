@@ -275,7 +275,8 @@ def challenger_rewards(questions: list[str | None], votes: list, cfg: Challenger
     for i, size in zip(valid, sizes):
         v, r_rep = votes[i], cfg.penalty_weight * size / B
         own = own_answers[i] if cfg.validity_gate else None
-        gated = cfg.validity_gate and not (own and v.majority and v.p > 0.1 and grader.is_equiv(v.majority, own))
+        agree = own and v.majority and v.p > 0.1 and grader.is_equiv(v.majority, own)
+        gated = cfg.validity_gate and not agree
         p = 0.0 if gated else v.p  # the authors' gated score: as if the Solver were sure
         if code:
             r_unc = min(p, 1.0 - p)

@@ -19,15 +19,16 @@ The numbers come from the toy world's checker (train.py's held-out measuring): a
 and its table is train.py --eval-data's, per run.
 """
 import argparse
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TTRL_FILE = "{out}/ttrl_problems.jsonl"  # the toy world writes it (toy.write_problems); --ttrl-data for another
+from runtime import write_text
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name -> train.py flags: one switch each, the rest the preset's
     "full": ["--iterations", "5"],  # the full method, 5 iterations: does it collapse, and when?
     "untrained-challenger": ["--challenger-steps", "0"],  # did the gain need a trained Challenger at all?
@@ -35,7 +36,7 @@ ARMS = {  # name -> train.py flags: one switch each, the rest the preset's
     "no-filter": ["--no-filter"],
     "shared-model": ["--shared-model"],  # one set of weights plays both roles
     "oracle-labels": ["--labels", "oracle"],  # the ceiling: the checker's answers instead of the majority vote
-    "ttrl": ["--ttrl", TTRL_FILE],  # no Challenger: the Solver step on a fixed file of unlabelled problems
+    "ttrl": ["--ttrl"],  # + a file (--ttrl-data): no Challenger, the Solver step on its unlabelled problems
     "validity-gate": ["--validity-gate"],  # the Challenger scores only where the Solver's majority = its answer
 }
 
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once (default: one per core)")
     ap.add_argument("--out", default="runs/sweep")
-    ap.add_argument("--ttrl-data", help="the TTRL arm's problems (JSON Lines); default: toy problems it writes")
+    ap.add_argument("--ttrl-data", help="the TTRL arm's problems (JSON Lines); toy world: OUT/ttrl_problems.jsonl, "
+                    "272 problems it writes (not held out)")
     ap.add_argument("--table-only", action="store_true", help="summarise the runs already there; run nothing")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -62,23 +64,20 @@ def runs_of(a, extra):
     """(arm, seed, folder, train.py arguments) of every run of the sweep."""
     out = []
     for arm in a.arms:
-        flags = [f.replace(TTRL_FILE, a.ttrl_data or TTRL_FILE.format(out=a.out)) for f in ARMS[arm]]
+        flags = ARMS[arm] + ([a.ttrl_data] if arm == "ttrl" else [])
         for seed in a.seeds:
             folder = os.path.join(a.out, arm, f"seed{seed}")
             out.append((arm, seed, folder, ["--seed", str(seed), "--out-dir", folder, *flags, *extra]))
     return out
 
 
-def iterations_of(args):
-    import train
-    return train.parse_config(args).iterations
+def load(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def results_of(folder):
     """base and per-iteration numbers of one run folder: what train.py's held-out measuring wrote."""
-    def load(path):
-        with open(path) as f:
-            return json.load(f)
     res = {"base": load(p)} if os.path.isfile(p := os.path.join(folder, "base_measure.json")) else {}
     kept = {}
     if os.path.isfile(m := os.path.join(folder, "metrics.jsonl")):
@@ -92,7 +91,8 @@ def results_of(folder):
 
 
 def finished(folder, args):
-    return len([k for k in results_of(folder) if k != "base"]) >= iterations_of(args)
+    import train
+    return os.path.isdir(os.path.join(folder, f"iter{train.parse_config(args).iterations}", "solver"))
 
 
 def run_all(todo, jobs):
@@ -105,6 +105,12 @@ def run_all(todo, jobs):
                 arm, seed, folder, args = todo.pop(0)
                 os.makedirs(folder, exist_ok=True)
                 log = open(os.path.join(folder, "log.txt"), "a")
+                try:  # held while the run lives: another sweep on the same folder skips it
+                    fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"{arm} seed {seed}: running in another sweep, skipped", flush=True)
+                    failed.append((arm, seed, folder))
+                    continue
                 p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], stdout=log,
                                      stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=threads))
                 running[p] = (arm, seed, folder, log, time.time())
@@ -114,9 +120,7 @@ def run_all(todo, jobs):
                 arm, seed, folder, log, t0 = running.pop(p)
                 log.close()
                 spent = os.path.join(folder, "sweep_seconds.json")  # wall seconds over every attempt
-                total = time.time() - t0 + (json.load(open(spent)) if os.path.isfile(spent) else 0.0)
-                with open(spent, "w") as f:
-                    json.dump(total, f)
+                write_text(spent, json.dumps(time.time() - t0 + (load(spent) if os.path.isfile(spent) else 0.0)))
                 status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {folder}/log.txt)"
                 print(f"{arm} seed {seed}: {status}, {time.time() - t0:.0f}s", flush=True)
                 if p.returncode != 0:
@@ -124,6 +128,7 @@ def run_all(todo, jobs):
     finally:
         for p in running:  # an interrupted sweep stops its runs; the next one resumes them
             p.terminate()
+            p.wait()
     return failed
 
 
@@ -136,20 +141,19 @@ def stats(xs):
 
 def summarise(a, runs):
     """{arm: {iteration: {metric: stats over seeds}}}, the base's numbers, the machine time of the runs."""
-    table, base, seconds = {}, None, 0.0
+    table, per_seed, base, seconds = {}, {}, None, 0.0
     for arm, seed, folder, _ in runs:
         res = results_of(folder)
         base = base or res.get("base")
         if os.path.isfile(s := os.path.join(folder, "sweep_seconds.json")):
-            with open(s) as f:
-                seconds += json.load(f)
+            seconds += load(s)
         for it, r in res.items():
             if it != "base":
                 kept = int(r["kept"]) if r.get("kept") is not None else None
                 for key, v in dict(mean_at_k=r["mean_at_k"], greedy=r["greedy"], pseudo_acc=r.get("pseudo_acc"),
                                    kept=kept, difficulty=r.get("difficulty")).items():
                     table.setdefault(arm, {}).setdefault(it, {}).setdefault(key, []).append(v)
-    per_seed = {arm: {it: v["mean_at_k"] for it, v in its.items()} for arm, its in table.items()}
+                per_seed.setdefault(arm, {}).setdefault(it, {})[seed] = r["mean_at_k"]
     table = {arm: {it: {k: stats(v) for k, v in m.items()} for it, m in sorted(its.items())}
              for arm, its in table.items()}
     return table, per_seed, base, seconds
@@ -160,11 +164,12 @@ def markdown(table, per_seed, base, seeds, wall, machine):
     b = 100 * base["mean_at_k"] if base else float("nan")
     n_it = max((max(its) for its in table.values()), default=0)
     head = "| arm | " + " | ".join(f"iter {i}" for i in range(1, n_it + 1)) + " |"
-    lines = [f"Held-out mean@4 (%), mean over seeds {', '.join(map(str, seeds))} [min, max]; base {b:.1f}.", "",
+    lines = [f"Held-out mean@4 (%), mean over seeds {', '.join(map(str, seeds))} [min, max] (a cell of fewer "
+             f"seeds says n); base {b:.1f}.", "",
              head, "|---" * (n_it + 1) + "|"]
     for arm, its in table.items():
-        cells = [f"{pct(its[i]['mean_at_k'])} [{100 * its[i]['mean_at_k']['min']:.1f}, "
-                 f"{100 * its[i]['mean_at_k']['max']:.1f}]" if i in its else "" for i in range(1, n_it + 1)]
+        cells = [f"{pct(m)} [{100 * m['min']:.1f}, {100 * m['max']:.1f}]" + (f" n={m['n']}" if m["n"] < len(seeds) else "")
+                 if (m := its.get(i, {}).get("mean_at_k")) else "" for i in range(1, n_it + 1)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Per arm and iteration, means over seeds: held-out mean@4 and its gain over the base (points), greedy "
               "accuracy, pseudo-label accuracy of the kept problems, problems kept (of those generated), mean "
@@ -173,7 +178,7 @@ def markdown(table, per_seed, base, seeds, wall, machine):
               "|---|---|---|---|---|---|---|---|---|"]
     for arm, its in table.items():
         for i, m in its.items():
-            seeds_ = " / ".join(f"{100 * x:.1f}" for x in per_seed[arm][i])
+            seeds_ = ", ".join(f"{s}: {100 * x:.1f}" for s, x in per_seed[arm][i].items())
             gain = 100 * m["mean_at_k"]["mean"] - b
             kept = "-" if m["kept"] is None else f"{m['kept']['mean']:.0f}"
             diff = "-" if m["difficulty"] is None else f"{m['difficulty']['mean']:.2f}"
@@ -189,7 +194,7 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 def svg(table, base, path):
     """Two panels, mean@4 and pseudo-label accuracy per iteration, one line per arm with its seeds' min..max as
     bars; the base's mean@4 dashed. Plain SVG text: no plotting library."""
-    W, H, L, T, PW, PH, GAP = 960, 380, 60, 40, 330, 260, 110
+    W, H, L, T, PW, PH, GAP = 1130, 380, 60, 40, 330, 260, 110
     n_it = max((max(its) for its in table.values()), default=1)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
@@ -223,36 +228,39 @@ def svg(table, base, path):
                            f'stroke="{colour}" opacity="0.5"/><circle cx="{x:.1f}" cy="{Y(s["mean"]):.1f}" r="3" '
                            f'fill="{colour}"/>')
     for k, ((arm, _), colour) in enumerate(zip(table.items(), COLOURS)):  # the legend, right of the panels
-        y = T + 8 + 18 * k
-        out.append(f'<line x1="{W - 165}" x2="{W - 145}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="3"/>'
-                   f'<text x="{W - 140}" y="{y + 4}">{arm}</text>')
-    from runtime import write_text
+        y, x = T + 8 + 18 * k, L + 2 * PW + GAP + 20
+        out.append(f'<line x1="{x}" x2="{x + 20}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="3"/>'
+                   f'<text x="{x + 25}" y="{y + 4}">{arm}</text>')
     write_text(path, "\n".join(out + ["</svg>"]) + "\n")
 
 
 def main(argv=None):
     a, extra = parse_args(argv)
+    if "ttrl" in a.arms and not a.ttrl_data:
+        import train
+        if train.parse_config(extra).model != "toy":
+            sys.exit("error: the ttrl arm needs --ttrl-data FILE (problems of your model's domain)")
+        a.ttrl_data = os.path.join(a.out, "ttrl_problems.jsonl")
+        if not a.table_only and not os.path.isfile(a.ttrl_data):
+            import toy  # toy problems that are not the held-out set, unlabelled, the size of one dataset phase
+            toy.write_problems(a.ttrl_data, n=272)
     runs = runs_of(a, extra)
     t0 = time.time()
     if not a.table_only:
-        if "ttrl" in a.arms and not a.ttrl_data and not os.path.isfile(TTRL_FILE.format(out=a.out)):
-            import toy  # toy problems that are not the held-out set, unlabelled, the size of one dataset phase
-            toy.write_problems(TTRL_FILE.format(out=a.out), n=272)
         try:
             todo = [r for r in runs if not finished(r[2], r[3])]
         except ValueError as e:  # a bad flag after --: train.py's own sentence
             sys.exit(f"error: {e}")
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished; {a.jobs} at a time -> {a.out}")
         if failed := run_all(todo, a.jobs):
-            sys.exit(f"error: {len(failed)} run(s) failed: " + ", ".join(f"{arm} seed {s}" for arm, s, _ in failed))
+            sys.exit(f"error: {len(failed)} run(s) did not finish: " + ", ".join(f"{arm} seed {s}" for arm, s, _ in failed))
     table, per_seed, base, seconds = summarise(a, runs)
     if not table:
-        sys.exit(f"error: no finished iteration under {a.out} (run the sweep first)")
+        sys.exit(f"error: no held-out measures under {a.out} (not run yet, or a real model: its runs' benchmarks.md)")
     machine = f"{os.cpu_count()} cores, {a.jobs} runs at a time"
     md = markdown(table, per_seed, base, a.seeds, seconds, machine)
     if not a.table_only:
         md += f"This invocation: {(time.time() - t0) / 60:.0f} min wall.\n"
-    from runtime import write_text
     write_text(os.path.join(a.out, "results.md"), md)
     write_text(os.path.join(a.out, "results.json"), json.dumps(dict(arms={arm: ARMS[arm] for arm in table}, extra=extra,
                seeds=a.seeds, base=base, table=table, per_seed=per_seed, machine_seconds=seconds), indent=1))

@@ -410,7 +410,7 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
 def oracle_labels(records: list[dict]) -> list[dict]:
     """The lab's ceiling (train.py --labels oracle, never by default): the kept problems labelled by the checker
     instead of the Solver's vote; a problem the checker cannot solve is dropped."""
-    return [r | dict(pseudo_label=str(solve(r["problem"]))) for r in records if solve(r["problem"]) is not None]
+    return [r | dict(pseudo_label=str(t)) for r in records if (t := solve(r["problem"])) is not None]
 
 
 def question_stats(questions: list[str | None]) -> dict:

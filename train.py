@@ -158,7 +158,7 @@ PRESETS = {
     "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_tokens", "activation_checkpointing",
-                     "gpu_memory_gb", "profile", "iterations")  # may change on resume (more iterations: it goes on)
+                     "gpu_memory_gb", "profile", "iterations", "eval_data", "eval_limit")  # may change on resume
 
 
 def _flag_error(message):
@@ -384,9 +384,10 @@ def histogram(ps, bins=10):
 
 # ------------------------------------------------------------------------------------------- the three phases
 
-def challenger_phase(run, it, prev_challenger, frozen_solver):
+def challenger_phase(run, it, prev_challenger, solver_path):
     c, G = run.c, run.c.challenger_group
     model, ref = trainable(run, prev_challenger), frozen(run, prev_challenger, reference=True)
+    frozen_solver = frozen(run, solver_path)
     opt = grpo.make_optimizer(model, c)
     prompt = challenger.challenger_prompt(run.tok)
     for step in range(load_state(run, model, opt, it, "challenger"), c.challenger_steps):
@@ -425,16 +426,20 @@ def problems_file(path):
     """The problems of a JSON Lines file (its problem or question field, as eval.py reads benchmarks); any
     answer field is never read."""
     import eval
-    rows = eval.read_jsonl(path)
-    return [r[eval.pick(r, ("problem", "question"), None, "question", f"{path} line {i}")].strip()
-            for i, r in enumerate(rows, 1)]
+    out = []
+    for i, r in enumerate(eval.read_jsonl(path), 1):
+        q = r[eval.pick(r, ("problem", "question"), None, "question", f"{path} line {i}")]
+        if not isinstance(q, str) or "options" in r or "choices" in r:
+            raise ValueError(f"{path} line {i}: --ttrl takes free-answer problems (a text problem, no options)")
+        out.append(q.strip())
+    return out
 
 
 class NothingToTrain(Exception):
     """Ends the run with one line: bad settings, or a dataset phase that kept no problem."""
 
 
-def dataset_phase(run, it, challenger_path, frozen_solver):
+def dataset_phase(run, it, challenger_path, solver_path):
     """The frozen Challenger writes N problems; the frozen Solver labels them by majority vote; the filter keeps
     those of informative difficulty."""
     c, out = run.c, run.path(f"iter{it}", "dataset.jsonl")
@@ -451,7 +456,7 @@ def dataset_phase(run, it, challenger_path, frozen_solver):
                             c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
         questions = gather([challenger.parse_question(row[0].text) for row in outs])
     with phase(run, "dataset"):
-        votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 5, 0))
+        votes = vote(run, frozen(run, solver_path), questions, seed=step_seed(c, it, 5, 0))
     records, counts = solver.build_dataset(questions, votes, c)
     if c.labels == "oracle":  # the lab's ceiling: the same kept problems, labelled by the checker, not the vote
         records = toy_world(run).oracle_labels(records)
@@ -536,8 +541,9 @@ def measure(run, name, solver_path):
                 res = toy.measure(solver_path, None if name == "base" else run.path(name), run.c.eval_problems,
                                   run.c.eval_k, run.c.solver_max_new_tokens, run.device, run.dtype)
             if name == "base":
-                try:
-                    write_text(kept, json.dumps(res))
+                try:  # runs of a sweep may write it at once: each through a temporary file of its own
+                    write_text(f"{kept}.{os.getpid()}", json.dumps(res))
+                    os.replace(f"{kept}.{os.getpid()}", kept)
                 except OSError:
                     pass  # a read-only model folder: measured again next time
         write_text(out, json.dumps(res))
@@ -554,17 +560,14 @@ def rzero(run):
     challenger_path, solver_path = run.base, run.base
     for it in range(1, c.iterations + 1):
         os.makedirs(run.path(f"iter{it}"), exist_ok=True)
-        frozen_solver = frozen(run, solver_path)
         if not c.ttrl:  # TTRL has no Challenger: its problems come from a file
             if not os.path.isdir(run.path(f"iter{it}", "challenger")):
-                challenger_phase(run, it, challenger_path, frozen_solver)
+                challenger_phase(run, it, challenger_path, solver_path)
                 release(run)
             challenger_path = run.path(f"iter{it}", "challenger")
         if c.shared_model:  # one set of weights: the Challenger just trained is the Solver that votes and learns
-            del frozen_solver
-            solver_path, frozen_solver = challenger_path, frozen(run, challenger_path)
-        records = dataset_phase(run, it, challenger_path, frozen_solver)
-        del frozen_solver
+            solver_path = challenger_path
+        records = dataset_phase(run, it, challenger_path, solver_path)
         release(run)
         if not os.path.isdir(run.path(f"iter{it}", "solver")):
             solver_phase(run, it, solver_path, records)
@@ -590,12 +593,17 @@ def benchmarks(run, name, solver_path):
         return None
     import eval
     out = run.path("base_eval") if name == "base" else run.path(name, "eval")
-    if not os.path.isfile(os.path.join(out, "results.json")):
+    done = os.path.join(out, "results.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            asked = json.load(f)["config"]
+    if not os.path.isfile(done) or (asked["data"], asked["limit"]) != ([run.c.eval_data], run.c.eval_limit):
         cfg = eval.EvalConfig(model=[solver_path], data=[run.c.eval_data], out=out, limit=run.c.eval_limit,
                               max_new_tokens=run.c.solver_max_new_tokens, general_max_new_tokens=2 * run.c.solver_max_new_tokens,
                               device=run.c.device, dtype=run.c.dtype, memory_budget_gb=run.c.memory_budget_gb)
         with phase(run, "benchmarks"):
             eval.run(cfg)
+        release(run)
     barrier()
     with open(os.path.join(out, "results.json")) as f:
         (res,) = json.load(f)["results"].values()

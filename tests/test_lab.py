@@ -138,7 +138,10 @@ def test_more_iterations_continue_a_finished_run(world, tmp_path):
     assert {f: open(out / "iter1" / f, "rb").read() for f in before} == before
     assert all(torch.equal(v, weights(out / "iter1" / "solver")[k]) for k, v in solver1.items())
     assert [m["iteration"] for m in jsonl(out / "metrics.jsonl")].count(2) == 3  # challenger, dataset, solver
-    assert os.path.isfile(out / "iter2" / "measure.json")
+    # the same as two iterations asked at once
+    assert train(world, tmp_path / "straight", "--iterations", "2").returncode == 0
+    assert same(out / "iter2" / "solver", tmp_path / "straight" / "iter2" / "solver")
+    assert open(out / "iter2" / "measure.json").read() == open(tmp_path / "straight" / "iter2" / "measure.json").read()
 
 
 def test_eval_data_gives_the_papers_table_for_the_base_and_every_iteration(world, tmp_path):
@@ -184,7 +187,7 @@ def test_sweep_runs_arms_by_seeds_resumably_and_tabulates_with_spread(world, tmp
         m = res["table"][arm]["1"]["mean_at_k"]
         assert m["n"] == 2 and m["mean"] == pytest.approx(sum(x["mean_at_k"] for x in runs) / 2)
         assert (m["min"], m["max"]) == (min(x["mean_at_k"] for x in runs), max(x["mean_at_k"] for x in runs))
-        assert res["per_seed"][arm]["1"] == [x["mean_at_k"] for x in runs]
+        assert res["per_seed"][arm]["1"] == {"0": runs[0]["mean_at_k"], "1": runs[1]["mean_at_k"]}
     assert res["table"]["ttrl"]["1"]["difficulty"]["mean"] == pytest.approx(
         sum(toy.difficulty(x["problem"]) for x in jsonl(data)) / 6)
     md = (out / "results.md").read_text()
