@@ -218,8 +218,8 @@ def svg(table, base, path):
         if key == "mean_at_k" and base:
             out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{Y(base[key]):.1f}" y2="{Y(base[key]):.1f}" '
                        f'stroke="#000" stroke-dasharray="5,4"/><text x="{x0 + 4}" y="{Y(base[key]) - 4:.1f}">base</text>')
-        for (arm, its), colour in zip(table.items(), COLOURS):
-            pts = [(X(i), m[key]) for i, m in its.items() if m[key]]
+        for k, ((arm, its), colour) in enumerate(zip(table.items(), COLOURS)):
+            pts = [(X(i) + 3 * (k - len(table) / 2), m[key]) for i, m in its.items() if m[key]]  # arms side by side
             if pts:
                 out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
                            + " ".join(f"{x:.1f},{Y(s['mean']):.1f}" for x, s in pts) + '"/>')
