@@ -1,48 +1,38 @@
-r"""
-Evaluation: checkpoints side by side on the paper's benchmarks, in a table like the paper's.
+r"""Evaluation: checkpoints side by side on the paper's benchmarks, in a table like the paper's.
 
     python eval.py --model toy --model runs/toy/iter3/solver --data toy
     python eval.py --model Qwen3-4B-Base --model runs/q4b/iter3/solver --data benchmarks/ --limit 50
     python eval.py --model M1 --model M2 --data benchmarks/ --k 32 --k-only amc aime   # the paper's protocol
     torchrun --nproc_per_node=8 eval.py --model M1 --model M2 --data benchmarks/         # data-parallel
 
-Rows are models; columns are benchmarks, MATH AVG (the mean over the math ones) and, if there are any,
-GENERAL AVG (the mean over MMLU-Pro, SuperGPQA, BBEH; they never enter MATH AVG). Under --out: results.md,
-results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses, extracted answers, reference,
-per-sample correctness), written through temporary files once all is evaluated: a failed run overwrites
-nothing. One batched sample.generate call per benchmark; under torchrun each rank answers its slice.
+Rows are models; columns are benchmarks, MATH AVG and, if any, GENERAL AVG (MMLU-Pro, SuperGPQA, BBEH; never in
+MATH AVG). --out gets results.md, results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses,
+answers, reference, correctness), through temporary files once all is evaluated: a failed run overwrites nothing.
 
-Protocol (RZERO.md, "Evaluation"; the authors' evaluation/*.py). Math: the Solver prompt through the chat
-template (solver.solver_prompt; "Question: ...\nAnswer:" text with --raw-prompt), up to 4096 new tokens,
-greedy pass@1; `--k K` reports mean@K, the fraction correct over K sampled responses (the paper: AMC, AIME
-mean@32, the rest greedy: --k-only). General: a user turn alone through the chat template ("user: ..." text
-without one, or with --raw-prompt), up to 8192 new tokens (--general-max-new-tokens), greedy: multiple choice
-question + "\nOptions are:\n(A): ...\n(B): ...\n\n\n" + CHOICE_INSTRUCTION ("the letter" for SuperGPQA), BBEH
-question + "\n\n" + REASON.
+Protocol (RZERO.md, "Evaluation"; the authors' evaluation/*.py). Math: the Solver prompt (solver.solver_prompt;
+"Question: ...\nAnswer:" text with --raw-prompt), up to 4096 new tokens, greedy pass@1 or, with --k K, mean@K over
+K sampled responses (the paper: AMC, AIME mean@32, the rest greedy: --k-only), graded by grader.is_equiv. General:
+the authors' user turn alone through the chat template ("user: ..." text without one or with --raw-prompt), up to
+8192 new tokens, greedy. Multiple choice: question + "\nOptions are:\n(A): ...\n\n\n" + CHOICE_INSTRUCTION ("the
+letter" for SuperGPQA), graded on the letter in the last \boxed{}. BBEH: question + "\n\n" + REASON, as eval_bbeh.py.
 
-Benchmarks: JSON Lines files (a folder = its *.jsonl; name = file name less .test.jsonl) or `toy`, the toy
-world's held-out problems (reference toy.solve). Question = problem | question (or --question-field). Kind,
-from the first row: "choice" if it has an options / choices list, else "bbeh" if the name contains "bbeh" or
-the row has a `task` field (MrLight/bbeh-eval: question, answer, task), else "math". Reference (or --answer-field):
-- math: answer (a string, a number like AMC23's 27.0, or GSM8K's `#### 18`) | final_answer (OlympiadBench's
-  list: one answer in parts, joined by ", ") | the last \boxed{} of solution (Minerva); grader.is_equiv.
-- choice: answer_letter | answer_index | answer (a letter, or the option's text); the letter is read from the
-  response's last \boxed{} (B, (B), \text{B}, B. x).
-- bbeh: answer, matched as eval_bbeh.py does (extract_free, fuzzy_match).
+Benchmarks: JSON Lines files (a folder: its *.jsonl; name: the file's less .test.jsonl) or `toy`, the toy world's
+held-out problems. The first row sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, as in
+MrLight/bbeh-eval, or "bbeh" in the name) or "math". Fields (or --question-field, --answer-field): problem |
+question; math: answer (AMC23's 27.0, GSM8K's `#### 18`) | final_answer (OlympiadBench's parts, joined) | the last
+\boxed{} of solution (Minerva); choice: answer_letter | answer_index | answer (a letter or the option's text).
 
-Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended
-settings; their "mean@32" repeated greedy decoding); no LLM judge re-checks math answers; the choice letter
-is the box's own (theirs: the first of A-J in it, so \boxed{Because} is B), and without one the response is
-wrong ("no answer"), never given a random letter; with no chat template the prompt is the same turn as text
-(their text said "the letter" for MMLU-Pro, and gave BBEH the multiple-choice sentence); a BBEH "The answer
-is:" line may end the response.
+Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended settings;
+their "mean@32" repeated greedy decoding); no LLM judge re-checks math answers; the choice letter is the box's own
+(theirs: the first of A-J in it, so \boxed{Because} is B) and a response without one is wrong (theirs: a random
+letter); with no chat template the prompt is the same turn as text (their text said "the letter" for MMLU-Pro, and
+gave BBEH the multiple-choice sentence); a BBEH "The answer is:" line may end the response.
 """
 import argparse
 import glob
 import json
 import os
 import re
-import string
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -52,9 +42,9 @@ import grader
 import sample
 import solver
 from model import Transformer, check_folder
-from runtime import device_and_dtype, gather, init_distributed, rank, resolve_model, share, write_text
+from runtime import device_and_dtype, gather, init_distributed, print0, rank, resolve_model, share, write_text
 
-LETTERS = string.ascii_uppercase
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REASON = "Please reason step by step, and put your final answer option within \\boxed{}."  # the authors' words
 CHOICE_INSTRUCTION = REASON + (" Only put the option letter in the box, e.g. \\boxed{A}."
                                " There is only one correct answer.")
@@ -89,8 +79,6 @@ class Benchmark:
     questions: list  # math: the problem; general: the whole user turn (options and instruction included)
     references: list  # answer strings, or option letters
 
-
-# ------------------------------------------------------------------------------------------- data
 
 def read_jsonl(path):
     try:
@@ -181,30 +169,20 @@ def benchmark_paths(data):
     return paths
 
 
-# ------------------------------------------------------------------------------------------- grading
-
-_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")
-
-
 def extract_choice(text):
     """The option letter of the last \\boxed{}: B, (B), \\text{B}, B. text, B) text; None if there is none."""
-    box = grader.extract_boxed(text)
-    if box is None:
+    if (box := grader.extract_boxed(text)) is None:
         return None
-    box = _WRAP.sub(r"\1", box).replace("$", "").strip()
+    box = re.sub(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", box).replace("$", "").strip()
     m = re.match(r"\(?([A-Z])\)?(?=$|[.):\s])", box) or re.fullmatch(r"\(?([a-z])\)?", box)
     return m[1].upper() if m else None
 
 
-_PREFIXES = ("The answer is:", "The final answer is ", "The final answer is: ", "The answer is ")
-
-
 def extract_free(text):
-    """BBEH's answer as eval_bbeh.py reads it: the last \\boxed{} (else "Final Answer:", else "The answer is:"
-    line), after any answer prefix, unwrapped ($, \\boxed, \\text), lowercased, ", " -> ","; None if none."""
+    """BBEH's answer as eval_bbeh.py reads it: the last \\boxed{}, else the answer line, normalised; None if none."""
     lines = re.findall(r"Final Answer:([^\n]*)", text) or re.findall(r"The answer is:([^\n]*)", text)
     ans = (grader.extract_boxed(text) or (lines[-1] if lines else "")).strip()
-    for prefix in _PREFIXES:
+    for prefix in ("The answer is:", "The final answer is ", "The final answer is: ", "The answer is "):
         ans = ans.split(prefix)[-1].strip()
     ans = ans.removesuffix(".")
     ans = ans[1:-1] if ans[:1] == ans[-1:] == "$" else ans
@@ -240,8 +218,6 @@ def grade(kind, response, reference):
     return ans, ans is not None and grader.is_equiv(ans, reference)
 
 
-# ------------------------------------------------------------------------------------------- evaluation
-
 def k_of(bench, cfg):
     return cfg.k if cfg.k_only is None or any(s in bench.name for s in cfg.k_only) else 1
 
@@ -266,23 +242,16 @@ def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
     math = bench.kind == "math"
     outs = sample.generate(
         model, prompts, n=k, max_new_tokens=cfg.max_new_tokens if math else cfg.general_max_new_tokens,
-        temperature=cfg.temperature if k > 1 else 0.0, top_p=cfg.top_p if k > 1 else 1.0,
+        temperature=cfg.temperature if k > 1 else 0.0, top_p=cfg.top_p if k > 1 else 1.0, tokenizer=tokenizer,
         eos_ids=sample.eos_ids_of(tokenizer), stop_strings=(RAW_STOP,) if cfg.raw_prompt and math else (),
-        tokenizer=tokenizer, seed=cfg.seed + 1000 * r,
-        memory_budget=int(cfg.memory_budget_gb * 2**30), progress=r == 0) if prompts else []
+        seed=cfg.seed + 1000 * r, memory_budget=int(cfg.memory_budget_gb * 2**30), progress=r == 0) if prompts else []
     records = []
     for i, p, row in zip(mine, prompts, outs):
         responses = [c.text for c in row]
-        graded = [grade(bench.kind, t, bench.references[i]) for t in responses]
+        answers, correct = map(list, zip(*(grade(bench.kind, t, bench.references[i]) for t in responses)))
         records.append(dict(id=i, prompt=tokenizer.decode(p), reference=bench.references[i], responses=responses,
-                            answers=[a for a, _ in graded], correct=[c for _, c in graded],
-                            score=sum(c for _, c in graded) / k))
+                            answers=answers, correct=correct, score=sum(correct) / k))
     return gather(records)
-
-
-def summarise(records, k):
-    return dict(score=100 * sum(r["score"] for r in records) / len(records), n=len(records), k=k,
-                no_answer=sum(a is None for r in records for a in r["answers"]))
 
 
 def table(results, benches, cfg, cell, avgs=()):
@@ -294,8 +263,6 @@ def table(results, benches, cfg, cell, avgs=()):
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
-
-# ------------------------------------------------------------------------------------------- main
 
 def parse_config(argv=None) -> EvalConfig:
     d = EvalConfig()
@@ -354,14 +321,14 @@ def run(cfg: EvalConfig):
     results, records = {}, {}
     for name, path, tok in zip(names, paths, tokenizers):
         model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
-        results[name] = {}
+        res = results[name] = {}
         for b in benches:
-            records[name, b.name] = evaluate(model, tok, b, cfg)
-            results[name][b.name] = s = summarise(records[name, b.name], k_of(b, cfg))
-            if rank() == 0:
-                print(f"{name} on {b.name}: {s['score']:.2f} (n={s['n']}, k={s['k']}, no answer {s['no_answer']})")
+            recs = records[name, b.name] = evaluate(model, tok, b, cfg)
+            res[b.name] = s = dict(score=100 * sum(r["score"] for r in recs) / len(recs), n=len(recs), k=k_of(b, cfg),
+                                   no_answer=sum(a is None for r in recs for a in r["answers"]))
+            print0(f"{name} on {b.name}: {s['score']:.2f} (n={s['n']}, k={s['k']}, no answer {s['no_answer']})")
         for avg, members in groups.items():
-            results[name][avg] = sum(results[name][b]["score"] for b in members) / len(members) if members else None
+            res[avg] = sum(res[b]["score"] for b in members) / len(members) if members else None
         del model
     if rank() != 0:
         return

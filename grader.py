@@ -1,29 +1,23 @@
 r"""Answer grader: pull the final answer out of a response and decide whether two answers are equivalent.
 
-R-Zero uses it three times: the Challenger's uncertainty reward and the Solver's pseudo-labels come from a
-majority vote by `is_equiv` over m sampled answers (solver.majority_vote), the Solver's reward is
-`is_equiv(boxed, pseudo_label)`, and evaluation checks `is_equiv(boxed, reference)`.
+R-Zero uses it for the majority vote over m sampled answers (solver.majority_vote: the Challenger's uncertainty
+reward, the Solver's pseudo-labels), the Solver's reward `is_equiv(boxed, pseudo_label)` and evaluation.
 
 How `is_equiv` decides:
   1. Normalise both: LaTeX spacing and sizing (\left \right \, \!), $ wrappers, \text{} \mathrm{} \mbox{},
      trailing unit words, degrees, %, \$, thousands separators (1,000 and 1{,}000), `x =` / `f(x) =`
      prefixes, \dfrac, \frac12, trailing dots. Equal strings are equivalent.
-  2. Structure: tuples and intervals compare element by element and the brackets must be the same kind
-     ((1,2) is not [1,2]); sets \{...\} and bare lists ("-2, 1") ignore order; \cup unions and matrices
-     compare part by part.
-  3. Each element is read by a small recursive-descent evaluator: numbers, \frac, \sqrt[n]{}, ^, \cdot,
-     \times, implicit products, \pi, e, i, \ln \log \sin \cos \tan, n!, \binom. Rationals stay exact
-     (Fraction): 0.5 == \frac12 == 1/2, 27.0 == 27, 025 == 25, 2\frac{1}{2} == 5/2, but 0.333 != 1/3.
-     Irrational values are complex floats compared with relative tolerance 1e-9. Expressions with
-     variables are evaluated at 3 fixed pseudo-random points: x^2+2x+1 == (x+1)^2, x^2 != x^3.
+  2. Structure: tuples and intervals compare element by element with the same kind of brackets ((1,2) is
+     not [1,2]); sets \{...\} and bare lists ("-2, 1") ignore order; \cup unions and matrices part by part.
+  3. A recursive-descent evaluator reads each element (numbers, \frac, \sqrt[n]{}, ^, \cdot, \times, implicit
+     products, \pi, e, i, \ln \log \sin \cos \tan, n!, \binom): rationals stay exact (0.5 == \frac12 == 1/2,
+     27.0 == 27, 025 == 25, 2\frac{1}{2} == 5/2, but 0.333 != 1/3), irrational values are complex floats within
+     relative tolerance 1e-9, variables take 3 fixed pseudo-random values (x^2+2x+1 == (x+1)^2, x^2 != x^3).
   4. Otherwise compare as text, ignoring case for single words: \text{(B)} == b.
 
-Departure from the authors' code: they used math_verify / sympy, which can hang (9^{9^{9^9}}) inside a
-thread timeout that did not always fire. This grader is bounded in time by construction, with no sympy
-and no eval/exec. Raw answers over MAX_INPUT characters are only compared as stripped strings;
-normalised answers over MAX_LEN are not parsed; the evaluator refuses nesting deeper than MAX_DEPTH and
-exponents above MAX_EXP; exact numbers past MAX_BITS become floats; an overflow or a division by zero
-makes an element "not evaluable", so it is compared as text. `extract_boxed` is one linear scan.
+Departure from the authors' code: their math_verify / sympy can hang (9^{9^{9^9}}) inside a thread timeout that
+did not always fire. This grader, with no sympy and no eval/exec, is bounded in time by construction (the MAX_*
+limits below; an element that overflows or divides by zero is compared as text); `extract_boxed` is one linear scan.
 """
 import cmath
 import math
@@ -40,8 +34,6 @@ MAX_BITS = 3400  # exact rationals past this (about 1e1000) become floats
 REL_TOL, ABS_TOL = 1e-9, 1e-12
 N_POINTS = 3  # evaluation points for answers with variables
 
-
-# ------------------------------------------------------------------------------------------ extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox) *")
 _BRACE = re.compile(r"[{}]")
@@ -71,25 +63,17 @@ def extract_gsm8k(text):
     return text[i + 4 :].partition("\n")[0].replace(",", "").strip().rstrip(".") or None
 
 
-# ------------------------------------------------------------------------------------------ normalisation
-
 _SPACING = re.compile(r"\\\\|\\[,;:! ]|~|\\q?quad(?![a-zA-Z])")
 _SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle)(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])|°")
-_WRAPPER = re.compile(
-    r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|operatorname)"
-    r"\s*\{([^{}]*)\}"
-)
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|boldsymbol|mbox|"
+                      r"operatorname)\s*\{([^{}]*)\}")
 _UNIT = re.compile(
     r"(?:units?|sq|square|cubic|per|cm|mm|km|m|meters?|metres?|inch(?:es)?|in|feet|foot|ft|yards?|miles?|mph|"
     r"seconds?|secs?|s|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|years?|dollars?|cents?|degrees?|"
-    r"pounds?|lbs?|ounces?|oz|kg|grams?|g|liters?|litres?|ml|l|cups?|gallons?)(?:\^\{?[23]\}?)?\.?",
-    re.IGNORECASE,
-)
+    r"pounds?|lbs?|ounces?|oz|kg|grams?|g|liters?|litres?|ml|l|cups?|gallons?)(?:\^\{?[23]\}?)?\.?", re.IGNORECASE)
 _CMD_SPACE = re.compile(r"(\\[a-zA-Z]+) (?=[a-zA-Z])")  # "\pi r" must not become the command "\pir"
 _PREFIX = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?=")
-_THOUSANDS = re.compile(r"-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?")
-_CHOICE = re.compile(r"\(([A-Za-z])\)")
 _ONE_CHAR_ARG = re.compile(r"(\\frac|\\sqrt|_) ?([0-9a-zA-Z])")  # \frac12 -> \frac{1}2, \log_28 -> \log_{2}8
 _SECOND_ARG = re.compile(r"(\\frac\{[^{}]*\}) ?([0-9a-zA-Z])")  # \frac{1}2 -> \frac{1}{2}
 _MATRIX = re.compile(r"\\begin\{([pbvBV]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
@@ -112,9 +96,9 @@ def _normalise(s):
             s = s[1:-1]
     if (m := _PREFIX.match(s)) and s.count("=") == 1:
         s = s[m.end() :]
-    if _THOUSANDS.fullmatch(s):
+    if re.fullmatch(r"-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?", s):  # thousands separators: 1,000,000
         s = s.replace(",", "")
-    if m := _CHOICE.fullmatch(s):
+    if m := re.fullmatch(r"\(([A-Za-z])\)", s):  # a choice: (B)
         s = m[1]
     return _SECOND_ARG.sub(r"\1{\2}", _ONE_CHAR_ARG.sub(r"\1{\2}", s))
 
@@ -135,18 +119,16 @@ def _split_top(s, sep):
     return parts + [s[start:]] if depth == 0 else None
 
 
-# A parsed answer is a tree: ("=", text, values) for one element, or (kind, children) where
-# kind is "()", "[)", "{}" (a set), ... for brackets, "L" for a bare list, "U" for a union, "M"/"R" for a
-# matrix and its rows. Sets and bare lists ignore order.
 def _tree(s, depth=0):
+    """The parsed answer: ("=", text, values) for one element, or (kind, children) with kind "()", "[)", "{}"
+    (a set), ... for brackets, "L" for a bare list, "U" for a union, "M"/"R" for a matrix and its rows."""
     if depth > 4 or len(s) > MAX_LEN:
         return _leaf(s)
     if m := _MATRIX.fullmatch(s):
         rows = [r for r in m[2].split("\\\\") if r]
         return ("M", tuple(("R", tuple(_tree(c, depth + 1) for c in r.split("&"))) for r in rows))
     for sep, kind in (("\\cup", "U"), (",", "L")):
-        parts = _split_top(s, sep)
-        if parts and 1 < len(parts) <= 64:
+        if (parts := _split_top(s, sep)) and 1 < len(parts) <= 64:
             return (kind, tuple(_tree(p, depth + 1) for p in parts))
     if len(s) >= 4 and s.startswith("\\{") and s.endswith("\\}"):
         kind, inner = "{}", s[2:-2]
@@ -160,14 +142,11 @@ def _tree(s, depth=0):
     return (kind, tuple(_tree(p, depth + 1) for p in parts))
 
 
-def _leaf(s):
-    return ("=", s.lower() if s.isalpha() else s, _evaluate(s))
+def _leaf(s):  # normalised answers over MAX_LEN are never parsed
+    return ("=", s.lower() if s.isalpha() else s, _evaluate(s) if len(s) <= MAX_LEN else None)
 
-
-# ------------------------------------------------------------------------------------------ evaluator
 
 _TOKEN = re.compile(r"\\[a-zA-Z]+|[0-9]+(?:\.[0-9]*)?(?:e[-+]?[0-9]{1,3})?|\.[0-9]+(?:e[-+]?[0-9]{1,3})?|\S")
-_MIXED = re.compile(r"(-?)([0-9]+)\\frac\{([0-9]+)\}\{([0-9]+)\}")
 _FUNCS = {"ln": cmath.log, "log": cmath.log, "exp": cmath.exp, "sin": cmath.sin, "cos": cmath.cos,
           "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos, "arctan": cmath.atan}
 _GREEK = {"alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "phi", "rho", "sigma", "tau", "omega"}
@@ -179,14 +158,13 @@ def _starts_atom(t):
     return bool(t) and (t[0] in "0123456789.({" or t in _ATOM_CMDS or (t.isascii() and t.isalpha()))
 
 
-@lru_cache(maxsize=1024)
-def _point(name, k):
-    """The value of variable `name` at evaluation point k: fixed, pseudo-random, in [0.5, 2.5]."""
-    return complex(0.5 + zlib.crc32(f"{name}/{k}".encode("utf-8", "surrogatepass")) % 100_003 / 50_000)
-
-
 class _Refuse(Exception):
     """The evaluator cannot read this expression, or it is out of bounds: compare it as text instead."""
+
+
+def _require(ok):
+    if not ok:
+        raise _Refuse
 
 
 def _num(x):
@@ -194,8 +172,7 @@ def _num(x):
     if type(x) is Fraction and max(x.numerator.bit_length(), x.denominator.bit_length()) <= MAX_BITS:
         return x
     x = complex(x)
-    if not abs(x) < 1e300:  # also rejects inf and nan
-        raise _Refuse
+    _require(abs(x) < 1e300)  # also rejects inf and nan
     return x
 
 
@@ -204,21 +181,11 @@ def _is_int(x, low, high):
 
 
 def _pow(a, b):
-    if abs(complex(b)) > MAX_EXP:  # 9^{9^{9^9}} stops here
-        raise _Refuse
+    _require(abs(complex(b)) <= MAX_EXP)  # 9^{9^{9^9}} stops here
     if type(a) is Fraction and _is_int(b, -MAX_EXP, MAX_EXP):
         if max(a.numerator.bit_length(), a.denominator.bit_length()) * abs(b) <= 2 * MAX_BITS:
             return _num(a ** int(b))  # exact, and at most twice MAX_BITS long before _num rounds it
     return _num(complex(a) ** complex(b))
-
-
-def _root(x, n):
-    if not _is_int(n, 2, MAX_EXP):
-        raise _Refuse
-    x, n = complex(x), int(n)
-    if x.imag == 0 and x.real < 0 and n % 2:  # the real odd root, \sqrt[3]{-8} = -2
-        return _num(-((-x.real) ** (1 / n)))
-    return _num(x ** (1 / n))
 
 
 class _Parser:
@@ -226,28 +193,20 @@ class _Parser:
     power := atom !* [^ arg]; arg := [-] atom. Variables take fixed values at evaluation point k."""
 
     def __init__(self, tokens, k):
-        # The token list ends with "", which take() refuses, so self.i never runs past it.
         self.toks, self.i, self.k, self.depth, self.has_variables = tokens + [""], 0, k, 0, False
 
-    def take(self, want=None):
+    def take(self, want=None):  # refuses the "" that ends self.toks, so self.i never runs past it
         t = self.toks[self.i]
-        if not t or (want is not None and t != want):
-            raise _Refuse
+        _require(t and (want is None or t == want))
         self.i += 1
         return t
 
-    def accept(self, *options):
-        """Consume and return the next token if it is one of options, else return ""."""
-        t = self.toks[self.i]
-        if t in options:
-            self.i += 1
-            return t
-        return ""
+    def accept(self, *options):  # the next token, consumed, if it is one of options, else ""
+        return self.take() if self.toks[self.i] in options else ""
 
     def parse(self):
         v = self.expr()
-        if self.toks[self.i]:
-            raise _Refuse
+        _require(not self.toks[self.i])
         return v
 
     def expr(self):
@@ -272,24 +231,26 @@ class _Parser:
         negative = False
         while op := self.accept("+", "-"):
             negative ^= op == "-"
-        v = self.power()
-        return -v if negative else v
+        return -self.power() if negative else self.power()
 
     def power(self):
         v = self.atom()
         while self.accept("!"):
-            if not _is_int(v, 0, 400):  # 400! < 2**MAX_BITS
-                raise _Refuse
+            _require(_is_int(v, 0, 400))  # 400! < 2**MAX_BITS
             v = Fraction(math.factorial(int(v)))
         return _pow(v, self.arg()) if self.accept("^") else v
+
+    def group(self, close):  # an expression, then its closing bracket
+        v = self.expr()
+        self.take(close)
+        return v
 
     def arg(self):
         return -self.atom() if self.accept("-") else self.atom()
 
     def atom(self):
         self.depth += 1  # every recursion passes through here, so this counter bounds the Python stack
-        if self.depth > MAX_DEPTH:
-            raise _Refuse
+        _require(self.depth <= MAX_DEPTH)
         v = self._atom(self.take())
         self.depth -= 1
         return v
@@ -300,21 +261,20 @@ class _Parser:
         if t in _CONSTANTS:
             return _CONSTANTS[t]
         if t in ("(", "{"):
-            v = self.expr()
-            self.take(")" if t == "(" else "}")
-            return v
+            return self.group(")" if t == "(" else "}")
         if t == "\\frac":
             return _num(self.arg() / self.arg())
         if t == "\\sqrt":
-            n = Fraction(2)
-            if self.accept("["):
-                n = self.expr()
-                self.take("]")
-            return _root(self.arg(), n)
+            n = self.group("]") if self.accept("[") else Fraction(2)
+            x = self.arg()
+            _require(_is_int(n, 2, MAX_EXP))
+            x, n = complex(x), int(n)
+            if x.imag == 0 and x.real < 0 and n % 2:  # the real odd root, \sqrt[3]{-8} = -2
+                return _num(-((-x.real) ** (1 / n)))
+            return _num(x ** (1 / n))
         if t == "\\binom":
             n, k = self.arg(), self.arg()
-            if not (_is_int(n, 0, 1000) and _is_int(k, 0, 1000)):
-                raise _Refuse
+            _require(_is_int(n, 0, 1000) and _is_int(k, 0, 1000))
             return _num(Fraction(math.comb(int(n), int(k))))
         if t[0] == "\\" and t[1:] in _FUNCS:  # \sin^2 x, \log_{10} 2, \ln(x)
             p = self.arg() if self.accept("^") else None
@@ -328,16 +288,14 @@ class _Parser:
                 while sub[0] == "{" and not sub.endswith("}"):
                     sub += self.take()
                 t += "_" + sub
-            self.has_variables = True
-            return _point(t, self.k)
+            self.has_variables = True  # its value at point k: fixed, pseudo-random, in [0.5, 2.5]
+            return complex(0.5 + zlib.crc32(f"{t}/{self.k}".encode("utf-8", "surrogatepass")) % 100_003 / 50_000)
         raise _Refuse
 
 
 def _evaluate(s):
     """Values of an expression at the N_POINTS evaluation points (all equal without variables), or None."""
-    if len(s) > MAX_LEN:
-        return None
-    if m := _MIXED.fullmatch(s):
+    if m := re.fullmatch(r"(-?)([0-9]+)\\frac\{([0-9]+)\}\{([0-9]+)\}", s):  # a mixed number: 2\frac{1}{2}
         s = f"{m[1]}({m[2]}+\\frac{{{m[3]}}}{{{m[4]}}})"
     tokens = _TOKEN.findall(s)
     try:
@@ -350,8 +308,6 @@ def _evaluate(s):
         return None
 
 
-# ------------------------------------------------------------------------------------------ comparison
-
 def _close(x, y):
     if type(x) is Fraction and type(y) is Fraction:
         return x == y
@@ -363,12 +319,9 @@ def _close(x, y):
 
 
 def _eq(a, b):
-    if a[0] != b[0]:
-        return False
-    if a[0] == "=":
-        return bool(a[1]) and (a[1] == b[1] or (a[2] is not None and b[2] is not None
-                                                and all(map(_close, a[2], b[2]))))
-    if len(a[1]) != len(b[1]):
+    if a[0] == b[0] == "=":
+        return bool(a[1]) and (a[1] == b[1] or (None not in (a[2], b[2]) and all(map(_close, a[2], b[2]))))
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
         return False
     if a[0] in ("{}", "L"):  # order-free: greedily match each element to an unused equivalent one
         rest = list(b[1])
@@ -393,10 +346,6 @@ def _key(answer):
     return s, _tree(s)
 
 
-def _same(a, b):
-    return bool(a[0]) and (a[0] == b[0] or _eq(a[1], b[1]))
-
-
 def is_answer(a):
     """True iff a is a string that normalises to something (a missing or blank answer is not one)."""
     return isinstance(a, str) and bool(_key(a)[0])
@@ -406,4 +355,5 @@ def is_equiv(pred, ref):
     """True iff the two final answers are mathematically equivalent. Non-strings are never equivalent."""
     if not (isinstance(pred, str) and isinstance(ref, str)):
         return False
-    return _same(_key(pred), _key(ref))
+    a, b = _key(pred), _key(ref)
+    return bool(a[0]) and (a[0] == b[0] or _eq(a[1], b[1]))
