@@ -5,30 +5,22 @@ Benchmark: our sampler and log-prob path against transformers', side by side on 
     python bench.py --preset gpu              # Qwen3-1.7B and Qwen3-4B shapes, bfloat16, one CUDA GPU
     python bench.py --preset gpu --compile    # plus a torch.compile'd (CUDA-graph) decode step at batch 1
 
-One process, the same weights (transformers' random init, saved, loaded by Transformer.from_pretrained),
-dtype, threads and inputs; medians of --repeats runs after a warm-up, ours and theirs interleaved.
-1. rollout (R-Zero's shape): P prompts of different lengths x n samples, up to max_new_tokens, in two
-   lengths: "short" (mean ~28 new tokens, cap 64) and "long" (mean ~48, cap 128, as the toy run's answers). Ours:
-   sample.generate. Theirs: generate(do_sample=True, num_return_sequences=n) on a left-padded batch, top_k=0
-   (its default top_k=50 would sample another distribution). A random model's next token is near uniform, so
-   vocab / mean_new_tokens random ids are all EOS: lengths are geometric, capped at max_new_tokens, the same
-   ids for both ("length mean / max" shows both). tok/s: new tokens, EOS included.
-2. training: forward + backward of a right-padded batch's completion log-probs. Ours: grpo.token_logprobs.
-   Theirs: model(ids).logits -> float32 log_softmax over the vocab -> gather -> masked sum. tok/s counts
-   prompt + completion tokens; "sum logp" must agree.
-3. decode at batch 1: time per token; bandwidth = (weights + KV cache read at the mean context) / step time.
-Roofline: copy bandwidth (copy_ between preallocated 512 MiB tensors: a clone would time page faults too) and
-matmul FLOP/s, measured between the runs. % roofline = max(useful FLOPs / FLOP/s, minimal bytes / bandwidth)
-/ run time; useful work prefills each prompt once and skips padding and finished rows; minimal bytes are the
-weights once per decode step of one batch + each token's KV-cache reads.
-Peak memory: the peak of live tensor bytes the run allocated (cache, logits, activations, gradients; not the
-weights). CUDA: max_memory_allocated, timed runs. CPU: the running sum of torch.profiler's allocation and
-free events in the warm-up run (the resident set size adds allocator slack that varies from run to run).
-Shared machines: CPU s (process CPU time) is the steadier clock, and the roofline's on CPU; wall time also
-counts waiting for a core, and with more threads than free cores OpenMP barriers inflate both: --threads 1.
+One process, the same weights (transformers' random init, saved, loaded by Transformer.from_pretrained), dtype,
+threads and inputs; medians of --repeats runs after a warm-up, ours and theirs interleaved.
+- rollout (R-Zero's shape): P prompts of different lengths x n samples, "short" (mean ~28 new tokens, cap 64)
+  and "long" (mean ~48, cap 128: the toy run's answers). A random model's next token is near uniform and vocab /
+  mean_new_tokens random ids are EOS: lengths are geometric, alike for both ("length mean / max"). tok/s: new
+  tokens, EOS included.
+- training: forward + backward of a right-padded batch's completion log-probs ("sum logp" must agree); tok/s
+  counts prompt + completion tokens.
+- decode b=1: time per token; bandwidth = (weights + KV cache read at the mean context) / step time.
+% roofline: max(useful FLOPs / FLOP/s, minimal bytes / bandwidth) / run time (Costs, machine_roofline). Peak MiB:
+see measure. CPU s (process CPU time) is the steadier clock on a shared machine, and the roofline's on CPU; wall
+time also counts waiting for a core, and with more threads than free cores OpenMP barriers inflate both: --threads 1.
 """
 import argparse
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -42,14 +34,13 @@ from grpo import token_logprobs
 from model import KVCache, Transformer
 from sample import generate
 
-SHAPES = {  # Qwen3 shapes; the 1.7B and 4B ones are the released checkpoints' (random weights here)
-    "cpu-25m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-                    num_key_value_heads=2, head_dim=64, vocab_size=32000),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936),
-}
+FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "vocab_size")
+SHAPES = {name: dict(zip(FIELDS, v)) for name, v in {  # the 1.7B and 4B are the released checkpoints' (random here)
+    "cpu-25m": (384, 1024, 8, 6, 2, 64, 32000),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, 151936),
+    "qwen3-4b": (2560, 9728, 36, 32, 8, 128, 151936),
+}.items()}
 
 
 @dataclass
@@ -82,8 +73,9 @@ PRESETS = {
 
 
 def measure(fn, dev, profile_memory):
-    """Runs fn once -> (result, wall s, process CPU s, peak bytes of the tensors it allocated, or None).
-    On CPU the peak needs the profiler, which slows the run: only with profile_memory (the warm-up)."""
+    """Runs fn once -> (result, wall s, process CPU s, peak bytes of the live tensors it allocated (cache, logits,
+    activations, gradients; not the weights), or None). CUDA: max_memory_allocated. CPU: the running sum of the
+    profiler's allocation events (the RSS adds allocator slack that varies); it slows the run: only profile_memory."""
     cuda, prof = dev == "cuda", torch.profiler.profile(profile_memory=True) if profile_memory else None
     if cuda:
         torch.cuda.synchronize()
@@ -99,20 +91,18 @@ def measure(fn, dev, profile_memory):
     if cuda or not prof:
         return out, wall, cpu, torch.cuda.max_memory_allocated() - base if cuda else None
     prof.stop()
-    live = peak = 0  # the running sum of allocations and frees; an op's net allocation counts from its start
-    for _, nbytes in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
-        live += nbytes
-        peak = max(peak, live)
-    return out, wall, cpu, peak
+    # the running sum of allocations and frees; an op's net allocation counts from its start
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    return out, wall, cpu, max(itertools.accumulate((nbytes for _, nbytes in events), initial=0))
 
 
 def machine_roofline(cfg, dtype):
     """-> (copy bandwidth in bytes/s, matmul FLOP/s), the best of three runs each; per CPU second on CPU."""
-    sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
-    clock = time.perf_counter if cfg.device == "cuda" else time.process_time
-    x = torch.ones(2**27, device=cfg.device)  # 512 MiB
-    y = torch.empty_like(x)
-    m = 8192 if cfg.device == "cuda" else 2048
+    cuda = cfg.device == "cuda"
+    sync, clock = (torch.cuda.synchronize, time.perf_counter) if cuda else (lambda: None, time.process_time)
+    # 512 MiB copied into a preallocated tensor: a clone would time page faults too
+    x, y = torch.ones(2**27, device=cfg.device), torch.empty(2**27, device=cfg.device)
+    m = 8192 if cuda else 2048
     a, b = (torch.randn(m, m, device=cfg.device, dtype=dtype) for _ in range(2))
     best = {"copy": 1e9, "mm": 1e9}
     for _ in range(3):
@@ -123,16 +113,16 @@ def machine_roofline(cfg, dtype):
 
 
 class Costs:
-    """Useful FLOPs and minimal bytes of the workloads, from the model's shape."""
+    """Useful FLOPs and minimal bytes of the workloads, from the model's shape. Useful work prefills each prompt once
+    and skips padding and finished rows; minimal bytes: the weights once per decode step + each token's KV reads."""
 
     def __init__(self, c, dtype):
-        itemsize = dtype.itemsize
         attn = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * 2  # q,k,v,o
         self.mm = c.num_hidden_layers * (attn + 3 * c.hidden_size * c.intermediate_size)  # weights in matmuls
         self.head = c.hidden_size * c.vocab_size
         self.attn = 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim  # FLOPs per (query, key) pair
         self.kv = KVCache.token_bytes(c, dtype)  # cache bytes per token
-        self.weights = (self.mm + self.head) * itemsize
+        self.weights = (self.mm + self.head) * dtype.itemsize
 
     def rollout(self, prompt_lens, gen_lens, n):
         """prompt_lens (P,), gen_lens (P*n,) grouped by prompt -> (FLOPs, bytes)."""
@@ -148,11 +138,9 @@ class Costs:
 
 def make_inputs(cfg, vocab):
     g = torch.Generator().manual_seed(cfg.seed)
-    lo, hi = cfg.prompt_len
-    rand_len = lambda: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    rand_len = lambda: int(torch.randint(cfg.prompt_len[0], cfg.prompt_len[1] + 1, (1,), generator=g))
     prompts = [torch.randint(vocab, (rand_len(),), generator=g).tolist() for _ in range(cfg.prompts)]
-    perm = torch.randperm(vocab, generator=g)
-    n_eos = round(vocab / cfg.mean_new_tokens)
+    perm, n_eos = torch.randperm(vocab, generator=g), round(vocab / cfg.mean_new_tokens)
     eos_ids, pad_id = sorted(perm[:n_eos].tolist()), int(perm[n_eos])
     # training batch: prompt + a geometric completion, right-padded (B, T)
     p_lens = [rand_len() for _ in range(cfg.train_batch)]
@@ -175,15 +163,13 @@ def rollout_ours(model, prompts, eos_ids, cfg, seed):
 
 def rollout_hf(hf, prompts, eos_ids, pad_id, cfg, seed, min_new=0):
     L = max(map(len, prompts))
-    ids = torch.full((len(prompts), L), pad_id)  # left-padded (P, L), as transformers' generate expects
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], att[i, L - len(p):] = torch.tensor(p), 1
+    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])  # left-padded (P, L), as generate expects
+    att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(seed)
-    out = hf.generate(input_ids=ids.to(cfg.device), attention_mask=att.to(cfg.device),
-                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=cfg.n,
-                      max_new_tokens=cfg.max_new_tokens, min_new_tokens=min_new, eos_token_id=eos_ids,
-                      pad_token_id=pad_id)
+    # top_k=0: its default top_k=50 would sample another distribution
+    out = hf.generate(input_ids=ids.to(cfg.device), attention_mask=att.to(cfg.device), do_sample=True, temperature=1.0,
+                      top_k=0, top_p=1.0, num_return_sequences=cfg.n, max_new_tokens=cfg.max_new_tokens,
+                      min_new_tokens=min_new, eos_token_id=eos_ids, pad_token_id=pad_id)
     new = out[:, L:]  # (P*n, steps): a finished row is padded with pad_id after its EOS
     is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
     return torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.size(1)).tolist()
@@ -215,8 +201,7 @@ def decode_compiled(model, prompt, cfg):
         idx = torch.tensor([prompt], device=dev)
         logits = model(idx, cache=cache, input_pos=torch.arange(len(prompt), device=dev)[None], kv_len=max_len)[:, -1]
         for t in range(len(prompt), max_len):
-            tok = torch.multinomial(logits.float().softmax(-1), 1)  # (1, 1)
-            logits = step(tok, torch.tensor([[t]], device=dev))
+            logits = step(torch.multinomial(logits.float().softmax(-1), 1), torch.tensor([[t]], device=dev))
     return run
 
 
@@ -252,60 +237,53 @@ def bench_shape(cfg, shape, dtype):
         runs["rollout long transformers"] = ("rollout", lambda s: rollout_hf(hf, prompts, l_eos, l_pad, lcfg, s))
     if cfg.compile:
         runs["decode b=1 ours compiled"] = ("decode", decode_compiled(ours, dec_prompt, cfg))
-    res, peaks = {name: [] for name in runs}, {name: [] for name in runs}
+    res = {name: [] for name in runs}  # name -> [measure's (result, wall s, CPU s, peak)], the warm-up's first
     for r in range(-1, cfg.repeats):  # r = -1: warm-up, not timed
         for name, (_, fn) in list(runs.items()):
             ours.zero_grad(set_to_none=True)
             hf.zero_grad(set_to_none=True)
             try:
-                out, wall, cpu, peak = measure(lambda: fn(cfg.seed + r), cfg.device, profile_memory=r < 0)
+                res[name].append(measure(lambda: fn(cfg.seed + r), cfg.device, profile_memory=r < 0))
             except Exception as e:  # an untested compiler backend costs its own row, not the table
                 if "compiled" not in name:
                     raise
                 print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 del runs[name]
-                continue
-            if r >= 0:
-                res[name].append((out, wall, cpu))
-            if peak is not None and (r >= 0 or cfg.device != "cuda"):  # CUDA's warm-up also allocates workspaces
-                peaks[name].append(peak)
     n_params = sum(p.numel() for p in ours.parameters())  # parameters() lists a tied weight once
     del hf, ours
     gc.collect()
 
     med = statistics.median
-    bw, flops = (med(o[i] for o, _, _ in res["machine"]) for i in (0, 1))
+    bw, flops = (med(o[i] for o, *_ in res["machine"][1:]) for i in (0, 1))
+    del runs["machine"]  # not a row of the table
     print(f"\n### {shape}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, threads {torch.get_num_threads()}, "
           f"medians of {cfg.repeats}; machine: copy {bw / 1e9:.1f} GB/s, matmul {flops / 1e12:.3f} TFLOP/s\n")
     print("| run | wall s | CPU s | tok/s | tok/CPU-s | peak MiB | detail | % roofline |\n" + "|---" * 8 + "|")
     rows = {}
     for name, (work, _) in runs.items():
-        outs, walls, cpus = zip(*res[name])
-        wall, cpu, peak = med(walls), med(cpus), med(peaks[name]) / 2**20
+        warm, *timed = res[name]
+        outs, walls, cpus, peaks = zip(*timed)  # CUDA's warm-up also allocates workspaces; CPU profiles only it
+        wall, cpu, peak = med(walls), med(cpus), med(peaks if cfg.device == "cuda" else [warm[3]]) / 2**20
         times = walls if cfg.device == "cuda" else cpus  # the roofline's clock (see machine_roofline)
         if work == "rollout":
-            roof = [max(f / flops, b / bw) for f, b in (costs.rollout([len(p) for p in prompts], o, cfg.n) for o in outs)]
-            tok_s, tok_c = med(sum(o) / t for o, t in zip(outs, walls)), med(sum(o) / t for o, t in zip(outs, cpus))
-            frac = med(x / t for x, t in zip(roof, times))
+            roof = (costs.rollout([len(p) for p in prompts], o, cfg.n) for o in outs)  # (FLOPs, bytes) per run
+            tok_s, tok_c = (med(sum(o) / t for o, t in zip(outs, ts)) for ts in (walls, cpus))
+            frac = med(max(f / flops, b / bw) / t for (f, b), t in zip(roof, times))
             lens = [g for o in outs for g in o]
             detail = f"length {sum(lens) / len(lens):.1f} / {max(lens)}"
         elif work == "training":
             tok_s, tok_c = sum(seq_lens) / wall, sum(seq_lens) / cpu
             frac = costs.training(seq_lens, int(mask.sum())) / flops / med(times)
             detail = f"sum logp {med(outs):.2f}"
-        elif work == "decode":
+        else:  # decode
             step = med(times) / cfg.decode_tokens
             byts = costs.weights + costs.kv * (cfg.prompt_len[1] + cfg.decode_tokens / 2)
             tok_s, tok_c, frac = cfg.decode_tokens / wall, cfg.decode_tokens / cpu, byts / bw / step
             detail = f"{step * 1e3:.2f} ms/token, {byts / step / 1e9:.1f} GB/s"
-        else:
-            continue
         rows[name] = (tok_s, tok_c, peak)
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {tok_s:,.0f} | {tok_c:,.0f} | {peak:,.0f} | {detail} | {100 * frac:.0f}% |")
     print()
-    for work in ("rollout", "rollout long", "training", "decode b=1"):
-        if f"{work} ours" not in rows:
-            continue
+    for work in [w for w in ("rollout", "rollout long", "training", "decode b=1") if f"{w} ours" in rows]:
         (a, ac, am), (b, bc, bm) = rows[f"{work} ours"], rows[f"{work} transformers"]
         print(f"{work}: ours / transformers = {a / b:.2f}x tokens/s ({ac / bc:.2f}x per CPU second), "
               f"{am / max(bm, 1e-9):.2f}x peak memory")
@@ -319,8 +297,8 @@ def main(argv=None):
                     help="thread counts, e.g. 1,2: the table once per count (0 = all cores)")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd batch-1 decode step")
     a = ap.parse_args(argv)
-    over = {k: v for k, v in (("repeats", a.repeats), ("threads", a.threads)) if v is not None}
-    cfg = replace(BenchConfig(**PRESETS[a.preset]), **over, compile=a.compile)
+    over = {k: v for k, v in vars(a).items() if k != "preset" and v is not None}  # the preset, then the flags given
+    cfg = replace(BenchConfig(**PRESETS[a.preset]), **over)
     error = ("--preset gpu needs a CUDA GPU and this torch sees none; run --preset cpu here."
              if cfg.device == "cuda" and not torch.cuda.is_available() else
              "need --repeats >= 1 and --threads >= 0 (0 = all cores)." if cfg.repeats < 1 or min(cfg.threads) < 0 else None)

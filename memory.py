@@ -1,28 +1,20 @@
 """
-Will it fit? The memory plan of a run: per rank and per phase, the bytes every kind of tensor takes, computed
-from the model's shape and the run's settings before anything is loaded.
+Will it fit? The memory plan of a run, computed from the model's shape and the run's settings before anything
+is loaded: per rank and per phase, the bytes of what train.py holds (its docstring, "Memory"):
+- the trained model: fp32 master weights, gradients (update only) and AdamW's two moments, sharded by FSDP2
+  (the update gathers a block at a time); the reference: sharded alike, compute dtype (the authors: FSDP full shard);
+- a frozen replica (the voting Solver, the dataset's Challenger) only while it samples, else parked in CPU
+  memory; the sampling copy of the trained model only during its rollouts;
+- rollouts: the KV-cache pool (--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens
+  per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
+- the update: the rollout batch, one micro-batch's activations (with --activation-checkpointing: each block's
+  input, plus one block recomputed in backward), one chunk of lm_head logits.
+The per-token constants are counted from the ops of model.py and sample.py; tests/test_memory.py holds the
+plan against the peaks a real run measures (--profile). A run refuses to start a plan that cannot fit.
 
     python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
     python train.py --model /path/to/model --plan --gpus 4 --gpu-memory-gb 80 --micro-batch 1 ...
     python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8
-
-It mirrors what train.py holds in each phase (its docstring, "Memory"), per rank:
-- the model being trained: fp32 master weights, gradients (update only) and AdamW's two moments, sharded
-  over the ranks by FSDP2; during the update one block at a time is gathered in the compute dtype;
-- the reference: sharded like it, in the compute dtype (the authors: FSDP full shard);
-- a frozen replica (the Solver that votes, the Challenger that writes the dataset) only while it samples,
-  parked in CPU memory otherwise; the sampling copy of the trained model only during its rollouts;
-- rollouts: the KV-cache pool (--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens
-  per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
-- the update: the rollout batch, activations of one micro-batch (with --activation-checkpointing: each
-  block's input, plus one block recomputed in backward), one chunk of lm_head logits.
-A run checks its plan at start-up (train.main) and refuses to start one that cannot fit. The per-token
-constants below are counted from the ops in model.py / sample.py; tests/test_memory.py holds the plan
-against the peaks a real run measures (--profile) on CPU under torchrun.
-
-The wall-time estimate is a roofline: decoding reads the weights and the rows' caches once per step at the
-given bandwidth; training does 2 (old and reference log-probs) + 6 (forward and backward) + 2 (recompute)
-FLOPs per parameter and token at the given FLOP/s. Prompt lengths are estimates (--plan-prompt-tokens).
 """
 import argparse
 import dataclasses
@@ -39,24 +31,15 @@ from runtime import gather, print0, rank, resolve_model, world, write_text
 
 GiB = 2**30
 # The presets' models, as their config.json on the hub says (so a plan needs no download).
-SHAPES = {
-    "Qwen/Qwen3-4B-Base": dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                               num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                               tie_word_embeddings=True),
-    "Qwen/Qwen3-8B-Base": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                               num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                               tie_word_embeddings=False),
-    "OctoThinker/OctoThinker-3B-Hybrid-Base": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
-                                                   intermediate_size=8192, num_hidden_layers=28,
-                                                   num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-                                                   tie_word_embeddings=True),
-    "OctoThinker/OctoThinker-8B-Hybrid-Base": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                                                   intermediate_size=14336, num_hidden_layers=32,
-                                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                                   tie_word_embeddings=False),
-}
-SAMPLE_BYTES = 40  # per logit of a decode step: lm_head output, float32 copy, the sampler's log-softmax, top-p sort
-# (values + int64 order), cumsum and weights; counted from sample.sample_next
+HUB_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "tie_word_embeddings")
+SHAPES = {name: dict(zip(HUB_FIELDS, fields), num_key_value_heads=8, head_dim=128) for name, fields in {
+    "Qwen/Qwen3-4B-Base": ("qwen3", 151936, 2560, 9728, 36, 32, True),
+    "Qwen/Qwen3-8B-Base": ("qwen3", 151936, 4096, 12288, 36, 32, False),
+    "OctoThinker/OctoThinker-3B-Hybrid-Base": ("llama", 128256, 3072, 8192, 28, 24, True),
+    "OctoThinker/OctoThinker-8B-Hybrid-Base": ("llama", 128256, 4096, 14336, 32, 32, False),
+}.items()}
+SAMPLE_BYTES = 40  # per decode-step logit (sample.sample_next): logits, fp32 copy, log-softmax, sort, cumsum, weights
 LOGIT_BYTES = 20  # per logit of a log-prob chunk in the update: recomputed logits, float32 log-softmax, its grad
 
 
@@ -87,22 +70,14 @@ def act_bytes(s: ModelConfig, b):
     return (24 if b == 4 else 16) * D + heads + 4 * b * I
 
 
-def token_bytes(s, b):  # keys and values of one token in every layer
-    return KVCache.token_bytes(s, torch.bfloat16 if b == 2 else torch.float32)
-
-
-def decode(s, b, rows, prompt, max_new, U):
-    """Transient bytes of one sampling call with `rows` in flight."""
-    kv_len = KVCache.pages_for(prompt + max_new) * PAGE
-    tok = token_bytes(s, b)
-    gathered = rows * kv_len * tok / s.num_hidden_layers  # one layer's pages, keys and values
+def decode(s, b, tok, rows, prompt, max_new, U):
+    """Transient bytes of one sampling call with `rows` in flight; tok: KV-cache bytes per token."""
+    gathered = rows * KVCache.pages_for(prompt + max_new) * PAGE * tok / s.num_hidden_layers  # one layer's pages
     logits = rows * s.vocab_size * SAMPLE_BYTES
     arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
-    # a prefill of U prompts: one layer's intermediates (no grad) and its gathered pages; then the group's rows
-    # copy the prompt's pages, a layer at a time
+    # a prefill of U prompts (one layer's no-grad intermediates and pages), or the rows copying its pages by layer
     prefill = U * prompt * (b * (2 * s.hidden_size + 3 * s.intermediate_size) + tok / s.num_hidden_layers)
-    copy = rows * prompt * tok / s.num_hidden_layers / 2
-    prefill = max(prefill, copy) + U * s.vocab_size * 4
+    prefill = max(prefill, rows * prompt * tok / s.num_hidden_layers / 2) + U * s.vocab_size * 4
     # the prefill and a decode step's gather and logits are not alive at once: it counts only by what it exceeds
     return dict(kv_gather=gathered, logits=logits + arrays, prefill=max(0, prefill - gathered - logits))
 
@@ -112,21 +87,20 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     W = world or pc.gpus
     b = 2 if (cuda and c.dtype != "float32") or c.dtype == "bfloat16" else 4
     P, Pb = n_params(s)
-    tok = token_bytes(s, b)
-    trained = dict(weights=4 * P / W, optimizer=8 * P / W)  # fp32 shards; gradients only in the update
-    ref = dict(reference=b * P / W)
+    tok = KVCache.token_bytes(s, torch.bfloat16 if b == 2 else torch.float32)  # keys and values, every layer
+    # the trained model's fp32 shards (gradients only in the update) and the reference's, in every training phase
+    trained = dict(weights=4 * P / W, optimizer=8 * P / W, reference=b * P / W)
     replica = b * P  # a full copy in the compute dtype
     sampler = replica if W > 1 or b != 4 else 0  # one process in float32 samples from the trained model itself
     parked = 0 if cuda else replica  # on CPU, a model "off the GPU" is still in the same memory
     rows, phases = {}, {}
 
     def rollout(name, jobs, prompt, max_new, n, distinct):  # mirrors sample.generate's sizing
-        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * KVCache.pages_for(prompt + max_new)),
-                   KVCache.pages_for(prompt + max_new))
+        full = KVCache.pages_for(prompt + max_new)
+        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * full), full)
         expect = min(c.expected_new_tokens or max_new, max_new)
-        r = max(1, min(jobs, pool // KVCache.pages_for(prompt + expect)))
-        rows[name] = r
-        return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, b, r, prompt, max_new,
+        rows[name] = r = max(1, min(jobs, pool // KVCache.pages_for(prompt + expect)))
+        return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, b, tok, r, prompt, max_new,
                                                              max(1, min(distinct, r // n)))
 
     def update(seqs, T, micro_batch):
@@ -139,59 +113,51 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
         return dict(gradients=4 * P / W, fsdp_gathered=gathered, batch=seqs * T * 17, activations=saved + block,
                     logprob_chunk=min(c.logprob_chunk, n) * s.vocab_size * LOGIT_BYTES)
 
-    G, m = c.challenger_group, c.m_answers
+    G, m, ch_jobs = c.challenger_group, c.m_answers, c.challenger_prompts * c.challenger_group // W
     cT, sT = pc.challenger_prompt_tokens + c.challenger_max_new_tokens, pc.solver_prompt_tokens + c.solver_max_new_tokens
-    ch_jobs, votes = c.challenger_prompts * G // W, c.challenger_prompts * G // W * m
-    phases["Challenger rollouts"] = trained | ref | dict(sampling_copy=sampler, frozen_solver=parked) | rollout(
+    phases["Challenger rollouts"] = trained | dict(sampling_copy=sampler, frozen_solver=parked) | rollout(
         "Challenger rollouts", ch_jobs, pc.challenger_prompt_tokens, c.challenger_max_new_tokens, G, 1)
-    phases["Challenger voting"] = trained | ref | dict(frozen_solver=replica) | rollout(
-        "Challenger voting", votes, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, votes)
-    phases["Challenger update"] = trained | ref | dict(frozen_solver=parked) | update(ch_jobs, cT, c.micro_batch)
-    phases["dataset"] = dict(frozen_solver=replica, frozen_challenger=parked) | rollout(
+    phases["Challenger voting"] = trained | dict(frozen_solver=replica) | rollout(
+        "Challenger voting", ch_jobs * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, ch_jobs * m)
+    phases["Challenger update"] = trained | dict(frozen_solver=parked) | update(ch_jobs, cT, c.micro_batch)
+    voting = dict(frozen_solver=replica, frozen_challenger=parked) | rollout(
         "dataset voting", -(-c.n_problems // W) * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, c.n_problems)
     gen = dict(frozen_solver=parked, frozen_challenger=replica) | rollout(
         "dataset problems", -(-c.n_problems // W), pc.challenger_prompt_tokens, c.challenger_max_new_tokens, 1, 1)
-    if sum(gen.values()) > sum(phases["dataset"].values()):
-        phases["dataset"] = gen
+    phases["dataset"] = max(voting, gen, key=lambda p: sum(p.values()))  # the larger; voting on a tie
     S = c.solver_problems * c.solver_group // W
-    phases["Solver rollouts"] = trained | ref | dict(sampling_copy=sampler) | rollout(
+    phases["Solver rollouts"] = trained | dict(sampling_copy=sampler) | rollout(
         "Solver rollouts", S, pc.solver_prompt_tokens, c.solver_max_new_tokens, c.solver_group, S)
-    phases["Solver update"] = trained | ref | update(S, sT, c.micro_batch)
+    phases["Solver update"] = trained | update(S, sT, c.micro_batch)
     return phases, rows
 
 
 def hours_per_iteration(c, s, pc, rows, W):
-    """Roofline wall time of one iteration on each rank: decode steps x (weights + caches) / bandwidth, plus
-    training FLOPs / FLOP/s. Completions are assumed to average --expected-new-tokens."""
-    P, _ = n_params(s)
-    b, tok = 2, token_bytes(s, 2)
-    L = lambda mx: min(c.expected_new_tokens or mx, mx)
+    """Roofline hours of an iteration per rank -> (decoding, training): a decode step reads weights and caches at
+    pc.bandwidth_gbs; training: 2 (old, reference log-probs) + 6 (fwd, bwd) + 2 (recompute) FLOPs/param/token."""
+    P, tok = n_params(s)[0], KVCache.token_bytes(s, torch.bfloat16)
+    L = lambda mx: min(c.expected_new_tokens or mx, mx)  # the mean length of a completion
+    ch = c.challenger_steps * c.challenger_prompts * c.challenger_group  # completions, all ranks together
+    so = c.solver_steps * c.solver_problems * c.solver_group
+    cp, sp = pc.challenger_prompt_tokens, pc.solver_prompt_tokens
     work = [  # (rows in flight, completions per rank, mean length, prompt)
-        (rows["Challenger rollouts"], c.challenger_steps * c.challenger_prompts * c.challenger_group / W,
-         L(c.challenger_max_new_tokens), pc.challenger_prompt_tokens),
-        (rows["Challenger voting"], c.challenger_steps * c.challenger_prompts * c.challenger_group * c.m_answers / W,
-         L(c.answer_max_new_tokens), pc.solver_prompt_tokens),
-        (rows["dataset problems"], c.n_problems / W, L(c.challenger_max_new_tokens), pc.challenger_prompt_tokens),
-        (rows["dataset voting"], c.n_problems * c.m_answers / W, L(c.answer_max_new_tokens), pc.solver_prompt_tokens),
-        (rows["Solver rollouts"], c.solver_steps * c.solver_problems * c.solver_group / W,
-         L(c.solver_max_new_tokens), pc.solver_prompt_tokens)]
-    decode_s = sum(jobs * n / r * (b * P + r * (p + n / 2) * tok) for r, jobs, n, p in work) / (pc.bandwidth_gbs * 1e9)
-    trained_tokens = (c.challenger_steps * c.challenger_prompts * c.challenger_group * (pc.challenger_prompt_tokens +
-                      L(c.challenger_max_new_tokens)) + c.solver_steps * c.solver_problems * c.solver_group *
-                      (pc.solver_prompt_tokens + L(c.solver_max_new_tokens))) / W
-    train_s = 10 * P * trained_tokens / (pc.tflops * 1e12)
-    return decode_s / 3600, train_s / 3600
+        (rows["Challenger rollouts"], ch / W, L(c.challenger_max_new_tokens), cp),
+        (rows["Challenger voting"], ch * c.m_answers / W, L(c.answer_max_new_tokens), sp),
+        (rows["dataset problems"], c.n_problems / W, L(c.challenger_max_new_tokens), cp),
+        (rows["dataset voting"], c.n_problems * c.m_answers / W, L(c.answer_max_new_tokens), sp),
+        (rows["Solver rollouts"], so / W, L(c.solver_max_new_tokens), sp)]
+    decode_s = sum(jobs * n / r * (2 * P + r * (p + n / 2) * tok) for r, jobs, n, p in work) / (pc.bandwidth_gbs * 1e9)
+    trained_tokens = (ch * (cp + L(c.challenger_max_new_tokens)) + so * (sp + L(c.solver_max_new_tokens))) / W
+    return decode_s / 3600, 10 * P * trained_tokens / (pc.tflops * 1e12) / 3600
 
 
 def shape_of(c, shape_json=None):
     """The model's shape: --shape JSON (config.json fields), the model folder's config.json, or a known hub id."""
     if shape_json:
         return ModelConfig.from_hf(json.loads(shape_json))
-    path = c.model if os.path.isdir(c.model) else None
-    if path is None and c.model in SHAPES:
+    if not os.path.isdir(c.model) and c.model in SHAPES:
         return ModelConfig.from_hf(SHAPES[c.model])
-    path = path or resolve_model(c.model)
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(c.model if os.path.isdir(c.model) else resolve_model(c.model), "config.json")) as f:
         return ModelConfig.from_hf(json.load(f))
 
 
@@ -200,44 +166,41 @@ def verdict(c, s, pc, gpu_memory_gb, cuda=True):
     which the plan fits (the first of: checkpointing, a smaller micro-batch, log-prob chunk or KV pool, more GPUs)."""
     reserve = pc.reserve_gb if cuda else 0
     limit = (gpu_memory_gb - reserve) * GiB
-    need = lambda c, pc: max(sum(p.values()) for p in plan(c, s, pc, cuda=cuda)[0].values())
-    phases = plan(c, s, pc, cuda=cuda)[0]
-    name, items = max(phases.items(), key=lambda kv: sum(kv[1].values()))
-    if need(c, pc) <= limit:
+    name, items = max(plan(c, s, pc, cuda=cuda)[0].items(), key=lambda kv: sum(kv[1].values()))
+    if sum(items.values()) <= limit:
         return None
-    ckpt = [] if c.activation_checkpointing else [("--activation-checkpointing", dict(activation_checkpointing=True), None)]
-    mb = [(f"--micro-batch {m}", dict(micro_batch=m), None) for m in (4, 2, 1) if m < c.micro_batch]
-    chunk = [(f"--logprob-chunk {k}", dict(logprob_chunk=k), None) for k in (512, 256) if k < c.logprob_chunk]
-    pool = [(f"--memory-budget-gb {g}", dict(memory_budget_gb=g), None) for g in (12, 8, 4) if g < c.memory_budget_gb]
-    gpus = [(f"--gpus {w}", {}, w) for w in (16, 32, 64) if w > pc.gpus]
-    first_pool = max(items, key=items.get) == "kv_cache"  # the pool first when it is the largest part
-    tries = (pool + ckpt + mb + chunk if first_pool else ckpt + mb + chunk + pool) + gpus
-    fix, changed, flags = "GPUs with more memory", {}, {}
-    for flag, over, w in tries:  # cumulative: checkpointing stays on while the micro-batch shrinks, ...
-        changed |= over
-        flags[next(iter(over), "gpus")] = flag
-        if need(dataclasses.replace(c, **changed), dataclasses.replace(pc, gpus=w or pc.gpus)) <= limit:
-            fix = " ".join(flags.values())
+    largest = max(items, key=items.get)
+    smaller = lambda field, *values: [(field, v) for v in values if v < getattr(c, field)]
+    pool = smaller("memory_budget_gb", 12, 8, 4)
+    rest = [("activation_checkpointing", True)] * (not c.activation_checkpointing) + smaller("micro_batch", 4, 2, 1) \
+        + smaller("logprob_chunk", 512, 256)
+    # the pool first when it is the largest part; cumulative: checkpointing stays on while the micro-batch shrinks
+    tries = (pool + rest if largest == "kv_cache" else rest + pool) + [("gpus", w) for w in (16, 32, 64) if w > pc.gpus]
+    fix, changed = "GPUs with more memory", {}
+    for k, v in tries:
+        changed[k] = v
+        c2 = dataclasses.replace(c, **{f: x for f, x in changed.items() if f != "gpus"})  # gpus: plan's world
+        if max(sum(p.values()) for p in plan(c2, s, pc, changed.get("gpus"), cuda)[0].values()) <= limit:
+            fix = " ".join(f"--{f.replace('_', '-')}" + ("" if x is True else f" {x}") for f, x in changed.items())
             break
     return (f"the {name} phase needs {sum(items.values()) / GiB:.1f} GiB per GPU, more than the {limit / GiB:.1f} "
-            f"GiB available ({gpu_memory_gb:g} GiB less {reserve:g} reserved), {max(items, key=items.get).replace('_', ' ')} the "
+            f"GiB available ({gpu_memory_gb:g} GiB less {reserve:g} reserved), {largest.replace('_', ' ')} the "
             f"largest part; it would fit with {fix}")
 
 
 def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
-    P, W = n_params(s)[0], pc.gpus
-    items = list(dict.fromkeys(k for p in phases.values() for k in p))
-    print(f"Memory plan: {c.model} ({P / 1e9:.2f}B parameters), {W} rank(s) x "
+    items = [k for k in dict.fromkeys(k for p in phases.values() for k in p) if any(p.get(k) for p in phases.values())]
+    print(f"Memory plan: {c.model} ({n_params(s)[0] / 1e9:.2f}B parameters), {pc.gpus} rank(s) x "
           f"{gpu_memory_gb:g} GiB, KV pool {c.memory_budget_gb:g} GiB, micro-batch {c.micro_batch}, "
           f"activation checkpointing {'on' if c.activation_checkpointing else 'off'}")
     print("| GiB per rank | " + " | ".join(phases) + " |\n" + "|---" * (len(phases) + 1) + "|")
-    for k in [k for k in items if any(p.get(k) for p in phases.values())] + ["total"]:
+    for k in items + ["total"]:
         vals = [sum(p.values()) if k == "total" else p.get(k, 0) for p in phases.values()]
         print(f"| {k.replace('_', ' ')} | " + " | ".join(f"{v / GiB:.2f}" for v in vals) + " |")
     print("rows in flight: " + ", ".join(f"{k} {v}" for k, v in rows.items()) +
           f" (at {c.expected_new_tokens or 'max'} new tokens per completion)")
     if cuda:
-        dec, tr = hours_per_iteration(c, s, pc, rows, W)
+        dec, tr = hours_per_iteration(c, s, pc, rows, pc.gpus)
         print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
               f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
               f"Qwen3-4B-Base on 8 x A100-40GB")
@@ -246,24 +209,20 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
 def for_run(run):
     """The plan of a running train.py (its ranks, model and prompts) -> (phases, rows, None or why it does not
     fit in --gpu-memory-gb, default the GPU's)."""
-    with open(os.path.join(run.base, "config.json")) as f:
-        shape = ModelConfig.from_hf(json.load(f))
+    shape = shape_of(dataclasses.replace(run.c, model=run.base))  # the loaded folder's config.json
     cuda = run.device.type == "cuda"
     pc = PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
                     solver_prompt_tokens=run.solver_prompt_tokens or 150)
-    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / 2**30 if cuda else 0)
-    phases, rows = plan(run.c, shape, pc, cuda=cuda)
-    return phases, rows, limit and verdict(run.c, shape, pc, limit, cuda)
+    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / GiB if cuda else 0)
+    return *plan(run.c, shape, pc, cuda=cuda), limit and verdict(run.c, shape, pc, limit, cuda)
 
 
 def profile(run):
     """--profile: each phase's time and measured peak (the largest over ranks) beside the plan's; profile.json."""
     phases, rows, _ = for_run(run)
-    peaks = {}
-    for p in gather([run.peaks]):
-        peaks |= {k: max(v, peaks.get(k, 0)) for k, v in p.items()}
-    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=peaks.get(k), plan=sum(phases[k].values()))
-             for k in phases if k in peaks}
+    ranks = gather([run.peaks])
+    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=max(p.get(k, 0) for p in ranks),
+                     plan=sum(phases[k].values())) for k in phases if any(k in p for p in ranks)}
     print0(f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}")
     for k, t in table.items():
         print0(f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}")
@@ -286,10 +245,8 @@ def main(c, pc, shape_json):
     """train.py --plan: print the plan; exit 2 with one sentence if it does not fit."""
     gpu_gb = c.gpu_memory_gb or 40.0
     s = shape_of(c, shape_json)
-    phases, rows = plan(c, s, pc)
-    report(c, s, pc, phases, rows, gpu_gb)
-    msg = verdict(c, s, pc, gpu_gb)
-    if msg:
+    report(c, s, pc, *plan(c, s, pc), gpu_gb)
+    if msg := verdict(c, s, pc, gpu_gb):
         print(f"error: does not fit: {msg}", file=sys.stderr)
         sys.exit(2)
     print("fits")
