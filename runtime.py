@@ -1,12 +1,9 @@
 """
-Where the code runs, shared by train.py and eval.py: the process group, this rank's share of a batch, the
-device and dtype, which model folder a name means, and files that are written whole or not at all.
-
-Nothing here is R-Zero. Under torchrun every rank runs the same program; `my_share` and `gather` are the two
-halves of "each rank does its slice, everyone gets the whole": `gather(f(my_share(xs))) == f(xs)` for any
-per-item f, in the same order, whatever the number of ranks.
+Where the code runs, nothing R-Zero: process group, this rank's share of a batch, device, model folders, files
+written whole or not at all, memory. `gather(f(my_share(xs))) == f(xs)` for per-item f, whatever the ranks.
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -20,7 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def init_distributed():
-    """Joins torchrun's process group when launched by torchrun (NCCL on GPU, gloo on CPU); else nothing."""
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -55,25 +51,20 @@ def my_share(items):
 
 
 def gather(items):
-    """Every rank's list concatenated in rank order: the inverse of my_share."""
-    if world() == 1:
-        return list(items)
-    out = [None] * world()
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
+    parts = [list(items)] * world()
+    if world() > 1:
+        dist.all_gather_object(parts, parts[0])
+    return [x for part in parts for x in part]
 
 
 def device_and_dtype(device="auto", dtype="auto"):
-    """auto: this rank's GPU and bfloat16 when there is a GPU, else the CPU and float32."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     dt = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if cuda else torch.float32
-    return dev, dt
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"), dt
 
 
 def resolve_model(name):
-    """A local model folder for `name`: a folder, "toy" (the embedded toy world, built on first use by rank 0),
-    or a hub id fetched with huggingface_hub when the network allows."""
+    """A local folder for `name`: a folder, "toy" (the toy world, built on first use by rank 0) or a hub id."""
     if name == "toy":
         import toy
         if rank() == 0:
@@ -101,8 +92,7 @@ def atomic(path):
         shutil.rmtree(tmp)
     elif os.path.lexists(tmp):
         os.remove(tmp)
-    if os.path.dirname(tmp):
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
     yield tmp
     if os.path.isdir(tmp) and os.path.isdir(path):
         shutil.rmtree(path)  # a folder cannot be renamed over another: the one moment without either
@@ -114,19 +104,15 @@ def write_text(path, text):
         f.write(text)
 
 
-# ------------------------------------------------------------------------------------------- a run folder
-
 def open_run_folder(out_dir, settings: dict, may_differ=()):
-    """A new run folder gets config.json (the settings) and an empty metrics.jsonl; an existing one must hold
-    the same settings, but for `may_differ`: then the run resumes there."""
+    """New: write config.json and an empty metrics.jsonl. Existing (a resume): same settings but for `may_differ`."""
     cfg_file = os.path.join(out_dir, "config.json")
     exists = os.path.isfile(cfg_file)
     barrier()  # every rank looks before rank 0 writes, so all take the same branch (and reach the same barriers)
     if exists:
         with open(cfg_file) as f:
             theirs = json.load(f)
-        diff = sorted(k for k in settings.keys() | theirs.keys()
-                      if k not in may_differ and settings.get(k) != theirs.get(k))
+        diff = sorted(k for k in settings | theirs if k not in may_differ and settings.get(k) != theirs.get(k))
         if diff:
             raise ValueError(f"run folder {out_dir!r} holds a run with other settings ({', '.join(diff)}); "
                              f"use another --out-dir")
@@ -152,34 +138,27 @@ def _storages(objs):
     out = {}
     for o in objs:
         if isinstance(o, torch.Tensor) and not o.is_meta:
-            try:
+            with contextlib.suppress(Exception):  # tensor subclasses without a storage of their own raise
                 st = getattr(o, "_local_tensor", o).untyped_storage()
-            except Exception:  # tensor subclasses without a storage of their own
-                continue
-            out[id(st)] = st
-    return out
+                out[id(st)] = st
+    return out.values()
 
 
 def _census():
-    """The storages of every tensor the interpreter can reach (some deprecated module attributes warn when
-    looked at: silenced)."""
-    import gc
+    """Every tensor storage the interpreter can reach (silencing deprecated attributes that warn when looked at)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return _storages(gc.get_objects())
 
 
 def live_tensor_bytes():
-    """Bytes of every tensor storage the interpreter can reach: a census."""
-    return sum(st.nbytes() for st in _census().values())
+    return sum(st.nbytes() for st in _census())
 
 
 class peak_memory(TorchDispatchMode):
-    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes inside the block, everything
-    already alive included. CUDA: max_memory_allocated. CPU: a census at the start, then every storage an op
-    creates counts from its creation until Python's handle on it (which lives as long as the storage) is
-    finalized, whichever thread frees it; FSDP's storage resizes are followed too. (torch.profiler's memory
-    events miss frees made on gloo's threads.) Slow: for measuring, not for runs."""
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted).
+    CUDA: max_memory_allocated. CPU: a census, then each storage an op creates counts until its Python handle (which
+    lives as long as it) is finalized, on any thread (torch.profiler misses gloo's frees); FSDP resizes too. Slow."""
 
     def __init__(self, device):
         super().__init__()
@@ -191,37 +170,33 @@ class peak_memory(TorchDispatchMode):
             torch.cuda.reset_peak_memory_stats()
             return self
         self.live, self.sizes = 0, {}
-        for st in _census().values():
-            self._track(st)
+        self._track(_census())
         self.bytes, resize = self.live, torch.UntypedStorage.resize_
 
         def resize_(st, n):  # FSDP2 frees and re-allocates gathered weights by resizing their storage
             if id(st) in self.sizes:
-                self._count(id(st), n - self.sizes[id(st)])
+                self._set(id(st), n)
             return resize(st, n)
         self._resize, torch.UntypedStorage.resize_ = resize, resize_
         return super().__enter__()
 
-    def _count(self, key, delta):
-        self.sizes[key] += delta
-        self.live += delta
+    def _set(self, key, n):  # storage `key` now holds n bytes
+        self.live += n - self.sizes.get(key, 0)
+        self.sizes[key] = n
         self.bytes = max(self.bytes, self.live)
 
-    def _track(self, st):
-        key = id(st)
-        if key not in self.sizes:
-            self.sizes[key] = 0
-            self._count(key, st.nbytes())
-            weakref.finalize(st, self._free, key)
+    def _track(self, storages):
+        for st in storages:
+            if id(st) not in self.sizes:
+                self._set(id(st), st.nbytes())
+                weakref.finalize(st, self._free, id(st))
 
     def _free(self, key):
-        if key in self.sizes:  # else: freed after the block ended
-            self.live -= self.sizes.pop(key)
+        self.live -= self.sizes.pop(key, 0)  # 0: freed after the block ended
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for st in _storages(torch.utils._pytree.tree_leaves(out)).values():
-            self._track(st)
+        self._track(_storages(torch.utils._pytree.tree_leaves(out)))
         return out
 
     def __exit__(self, *exc):

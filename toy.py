@@ -1,39 +1,24 @@
 """
-The toy world: a tiny tokenizer and a tiny Qwen3 base model that `python train.py` runs R-Zero on, on a CPU.
+The toy world: a tiny tokenizer and a 0.6M-parameter Qwen3 base model (hidden 128, 3 layers) that `python train.py`
+runs R-Zero on, on a CPU. It is pretrained in about three minutes on synthetic arithmetic in R-Zero's two formats, in
+the chat template, as the method prompts: challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`,
+solver_prompt(problem) + `300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`. It is saved as an
+ordinary Hugging Face folder (model_type qwen3) and loads like Qwen3-4B-Base.
 
-R-Zero starts from a pretrained base model that can already write problems and reason step by step. Here that
-model is made in about three minutes: a 0.6M-parameter Qwen3 (hidden 128, 3 layers) pretrained with a plain
-next-token loss on synthetic arithmetic written in R-Zero's two formats, rendered through the chat template
-exactly as the method prompts the model:
-- Challenger documents: challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}` + EOS,
-- Solver documents: solver_prompt(problem) + a worked chain + EOS, e.g.
-  `300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`.
-Both are saved as an ordinary Hugging Face folder (tokenizer.json + chat template, config.json with
-model_type qwen3, model.safetensors), so the rest of the code loads it exactly like Qwen3-4B-Base.
-
-Why this world: R-Zero's Solver step can only sharpen a model toward its own majority vote,
-so the base Solver must gain from voting (maj@k well above mean@k) and its majority must be mostly right.
-Long worked chains do that: each step is reliable but not perfect, so one slip at temperature 1 ruins a
-sample while the vote recovers the answer. Problems come in 4 levels (a 2- to 5-digit number times a digit,
-3 to 9 worked steps), so a Challenger that learns to aim has a range to aim in. Solver documents cover the levels
-equally; Challenger documents are mostly easy ones (weights 8:4:2:1), as in real text, where easy exercises
-outnumber hard ones. So the base Challenger, like a real base model asked for a hard problem, mostly writes
+Why this world: the Solver step only sharpens a model toward its own majority vote, so the base Solver must gain from
+voting (maj@k well above mean@k) with a mostly right majority: long worked chains, where one slip at temperature 1
+ruins a sample and the vote recovers the answer. 4 levels give the Challenger a range to aim in; its documents are
+mostly easy (8:4:2:1, as in real text; the Solver's are even), so the base Challenger, like a real base model, writes
 problems its Solver is sure of, and Challenger training has something to learn: aim where the Solver is unsure.
-It does; what that buys the Solver at this scale is measured in the README, as is an earlier world whose
-Challenger documents covered the levels like the Solver's (its base Challenger already wrote at the Solver's
-frontier, and the trained one drifted past the pretraining range). Two choices were measured, not guessed:
-documents are packed into rows (batches grouped by length, so by level, learned several times slower), and the
-chains only copy nearby numbers (levels that added a number from the question at the end of a long chain stayed
-at 0% after 900 steps: a tiny model copies far back late). Size and length (issue #17: the build in at most 3
-minutes): 3 layers and 800 steps build in 2.8 min on 2 cores with base greedy / mean@4 / maj@4 80 / 64 / 74%;
-4 layers and 900 steps took 3.9 min for about the same model (85 / 67 / 78%); 4 layers and 700 steps had not
-learned the longer levels yet (24% greedy): the loss falls steeply between 500 and 800 steps, so fewer steps
-is not the way to a faster build.
 
-The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) parses problems itself (never eval)
-and is for MEASUREMENT ONLY: held-out accuracy, pseudo-label accuracy, difficulty of generated questions. No
-training signal uses it. Held-out problems are never pretraining documents (a hash rule); the Challenger may
-still write one, and the Solver may then train on it with its own pseudo-label, as the method allows.
+Measured, not guessed: with Challenger documents spread like the Solver's, the trained Challenger drifted past the
+pretraining range (README); documents are packed into rows (batches grouped by length learned several times slower);
+chains copy only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 3 layers and 800 steps
+build in 2.8 min on 2 cores, base greedy / mean@4 / maj@4 80 / 64 / 74% (4 layers and 900 steps: 3.9 min for 85 / 67 /
+78%; 700 steps are too few: the loss falls steeply between 500 and 800).
+
+The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
+training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.
 """
 import hashlib
 import json
@@ -52,8 +37,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# level -> the product terms of its problems as (lo, hi) ranges: a k-digit number times a digit, worked by place value
-LEVELS = {
+LEVELS = {  # level -> (lo, hi) ranges of its product terms: a k-digit number times a digit, worked by place value
     1: [[(10, 99), (2, 9)]],         # 47 * 6       40*6=240 7*6=42 240+042=282                       3 steps
     2: [[(100, 999), (2, 9)]],       # 379 * 4      300*4=1200 70*4=280 9*4=36 1200+0280=1480 ...     5
     3: [[(1000, 9999), (2, 9)]],     # 5379 * 4                                                       7
@@ -82,8 +66,6 @@ class ToyConfig:
     levels: tuple = (1, 1, 1, 1)    # sampling weight of each level in Solver documents
     challenger_levels: tuple = (8, 4, 2, 1)  # ... and in Challenger documents: mostly easy (see the docstring)
 
-
-# ---------------------------------------------------------------------------- problems and their checker
 
 def render(terms: list[list[int]]) -> str:
     return "What is " + " + ".join(" * ".join(map(str, t)) for t in terms) + "?"
@@ -118,8 +100,7 @@ def _multiply(x: int, y: int) -> tuple[list[str], int]:
 
 
 def _add(a: int, b: int) -> str:
-    """'4500+0450=4950': the shorter addend gets leading zeros so its digits line up with the other's,
-    as in a column sum (unaligned sums are what a tiny model learns slowest)."""
+    """'4500+0450=4950': zeros line up the digits as in a column sum (unaligned sums a tiny model learns slowest)."""
     w = max(len(str(a)), len(str(b)))
     return f"{a:0{w}d}+{b:0{w}d}={a + b}"
 
@@ -164,10 +145,8 @@ def difficulty(problem: str) -> int | None:
 
 def _last_boxed(text: str) -> str | None:
     i = text.rfind("\\boxed{")
-    if i < 0:
-        return None
     j = text.find("}", i)
-    return text[i + 7:j] if j >= 0 else None
+    return text[i + 7:j].strip() if i >= 0 and j >= 0 else None
 
 
 def check_answer(problem: str, answer_text: str) -> bool:
@@ -206,8 +185,7 @@ def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> 
 
 
 def write_problems(path: str, n: int = 272, seed: int = 99) -> None:
-    """n distinct unlabelled problems that are not held out, an equal share from each level, as JSON Lines
-    {"problem": ...}: a benchmark-shaped file for train.py's TTRL mode (--ttrl)."""
+    """n distinct problems, not held out, an equal share per level, as JSON Lines {"problem": ...}: for --ttrl."""
     from runtime import write_text
 
     rng, out = random.Random(seed), []
@@ -218,14 +196,10 @@ def write_problems(path: str, n: int = 272, seed: int = 99) -> None:
     write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in out))
 
 
-# ---------------------------------------------------------------------------- tokenizer and corpus
-
 def build_tokenizer():
-    """One token per character, except the chat roles, the fixed prompt texts (the authors' Challenger prompt,
-    the Solver's system turn: the toy world is prompted exactly as a real model) and the format tags, which are
-    single tokens. Digits read one by one is what makes arithmetic learnable for a tiny model, and one-token
-    prompts keep documents short (pretraining cost grows with their length). It is an ordinary tokenizer.json:
-    transformers, sample.py and train.py use it like any other."""
+    """One token per character (digits read one by one make arithmetic learnable for a tiny model), but the chat
+    roles, the fixed prompts and the format tags are single tokens: short documents pretrain faster. A plain
+    tokenizer.json: transformers, sample.py and train.py use it like any other."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -276,9 +250,7 @@ class Corpus:
         return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
 
     def batches(self, rows: int, seq_len: int):
-        """Endless (rows, seq_len + 1) batches cut from one stream of documents (GPT-style packing): no padding,
-        and every batch mixes all levels. Batches grouped by length hold one level each and, measured, learn
-        several times slower per step."""
+        """Endless (rows, seq_len + 1) batches cut from one stream of documents: no padding, every level in each."""
         buf = []
         while True:
             while len(buf) < rows * (seq_len + 1):
@@ -286,8 +258,6 @@ class Corpus:
             x, buf = buf[:rows * (seq_len + 1)], buf[rows * (seq_len + 1):]
             yield torch.tensor(x).view(rows, seq_len + 1)
 
-
-# ---------------------------------------------------------------------------- the base model
 
 def new_model(cfg: ToyConfig, tokenizer):
     from model import ModelConfig, Transformer
@@ -332,8 +302,6 @@ def pretrain(model, corpus: Corpus, cfg: ToyConfig, log_every: int = 100) -> lis
     return losses
 
 
-# ---------------------------------------------------------------------------- building, caching, measuring
-
 def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) -> dict:
     """Tokenizer + pretrained base model into out_dir (written atomically). Returns build stats."""
     t0 = time.time()
@@ -374,15 +342,9 @@ def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
     return path
 
 
-def _answer(text: str | None) -> str | None:
-    b = _last_boxed(text or "")
-    return b.strip() if b and b.strip() else None
-
-
 def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperature: float = 1.0,
                      max_new_tokens: int = 192, seed: int = 0) -> dict:
-    """Ground-truth accuracy of a Solver: greedy, mean@k and maj@k (sampled at `temperature`), overall and by
-    difficulty. One batched call per decoding mode over all problems."""
+    """A Solver's true greedy, mean@k and maj@k (at `temperature`), overall and by difficulty: one call per mode."""
     import sample
     from solver import majority_vote, solver_prompt
 
@@ -392,7 +354,7 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
     sampled = sample.generate(model, prompts, n=k, temperature=temperature, seed=seed, **kw)
     rows = []
     for p, g, s in zip(problems, greedy, sampled):
-        answers = [_answer(c.text) for c in s]
+        answers = [_last_boxed(c.text or "") or None for c in s]
         maj = majority_vote(answers).majority  # the method's vote: ties go to the answer seen first
         rows.append((difficulty(p), check_answer(p, g[0].text or ""),
                      sum(check_answer(p, a or "") for a in answers) / k, check_answer(p, maj or "")))
@@ -402,20 +364,17 @@ def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperat
         return {"n": len(rs), "greedy": sum(r[1] for r in rs) / n, "mean_at_k": sum(r[2] for r in rs) / n,
                 "maj_at_k": sum(r[3] for r in rs) / n}
 
-    out = summary(rows)
-    out["by_difficulty"] = {d: summary([r for r in rows if r[0] == d]) for d in sorted({r[0] for r in rows})}
-    return out
+    by_difficulty = {d: summary([r for r in rows if r[0] == d]) for d in sorted({r[0] for r in rows})}
+    return summary(rows) | {"by_difficulty": by_difficulty}
 
 
 def oracle_labels(records: list[dict]) -> list[dict]:
-    """The lab's ceiling (train.py --labels oracle, never by default): the kept problems labelled by the checker
-    instead of the Solver's vote; a problem the checker cannot solve is dropped."""
+    """train.py --labels oracle (a ceiling, never the default): the kept problems labelled by the checker."""
     return [r | dict(pseudo_label=str(t)) for r in records if (t := solve(r["problem"])) is not None]
 
 
 def question_stats(questions: list[str | None]) -> dict:
-    """What a Challenger writes: share that is a valid toy problem, their mean difficulty and histogram,
-    share of distinct questions."""
+    """What a Challenger writes: the valid share, their difficulty (mean, histogram), the distinct share."""
     valid = [q for q in questions if q is not None and solve(q) is not None]
     diffs = [difficulty(q) for q in valid]
     hist = {d: diffs.count(d) for d in sorted(set(diffs))}
@@ -426,9 +385,7 @@ def question_stats(questions: list[str | None]) -> dict:
 
 def measure(solver_path, iteration_dir=None, problems=512, k=4, max_new_tokens=192, device="cpu",
             dtype=torch.float32) -> dict:
-    """What the checker says of an R-Zero run at the end of an iteration, from what the run wrote: the Solver's
-    held-out accuracy (solver_path), and for an iteration the accuracy of its pseudo-labels (dataset.jsonl) and
-    what its Challenger wrote (questions.json). train.py calls it; nothing it returns trains anything."""
+    """The checker on what a run wrote: held-out accuracy, and for an iteration pseudo-label accuracy and questions."""
     from transformers import AutoTokenizer
 
     from model import Transformer
@@ -440,9 +397,9 @@ def measure(solver_path, iteration_dir=None, problems=512, k=4, max_new_tokens=1
         with open(os.path.join(iteration_dir, "questions.json")) as f:
             q = question_stats(json.load(f))
         with open(os.path.join(iteration_dir, "dataset.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+            right = [check_answer(r["problem"], r["pseudo_label"]) for r in map(json.loads, f)]
         res |= dict(questions=q, difficulty=q["mean_difficulty"], distinct=q["distinct"],
-                    pseudo_acc=sum(check_answer(r["problem"], r["pseudo_label"]) for r in records) / max(1, len(records)))
+                    pseudo_acc=sum(right) / max(1, len(right)))
     return res
 
 
