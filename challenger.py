@@ -1,5 +1,4 @@
-"""
-The Challenger side of R-Zero: its prompt, the parsing of its questions, and its reward (Sec. 3.2).
+"""The Challenger side of R-Zero: its prompt, the parsing of its questions, and its reward (Sec. 3.2).
 
 For a batch of B Challenger completions x_1..x_B (all from the same prompt; the caller gathers them across
 ranks first, because the repetition penalty is a batch-level quantity) and the frozen Solver's votes on them:
@@ -11,25 +10,22 @@ ranks first, because the repetition penalty is a batch-level quantity) and the f
     r_i     = max(0, r_unc - r_rep)                       0 when no <question>...</question> can be parsed
 
 Choices where the paper is silent (the authors' code was read for each):
-- BLEU is not symmetric (its precisions and brevity penalty are taken from the hypothesis' side). The code
-  scores each pair once with the lower batch index as hypothesis and mirrors it; that makes the distance
-  depend on arbitrary batch order, so the default here averages both directions. The "code" variant keeps
-  the code's order.
-- The code clusters with sklearn's AgglomerativeClustering(distance_threshold=0.5), which merges only while
-  the average linkage distance is strictly below 0.5; so does `average_linkage_clusters` (scipy's fcluster
-  with t = 0.5 would also merge at exactly 0.5).
+- BLEU is not symmetric (its precisions and brevity penalty are taken from the hypothesis' side). The code scores
+  each pair once with the lower batch index as hypothesis and mirrors it, so the distance depends on arbitrary
+  batch order; the default here averages both directions, the "code" variant keeps the code's order.
+- The code clusters with sklearn's AgglomerativeClustering(distance_threshold=0.5), which merges only while the
+  average linkage distance is < 0.5, as `average_linkage_clusters` does (scipy's fcluster(t=0.5) merges at 0.5).
 - B counts every completion in the batch: bad-format ones get no cluster but stay in the denominator, as in
   the code (where their empty question formed a singleton cluster).
 
-`reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale,
-no clip at 0), -1 for a bad format (the code's -1 - 1/B: its empty question's singleton penalty is dropped); with
-solver.SolverConfig.band="code" a missing \\boxed{} answer votes as the string "None". Its known fault (scoring only when the Solver's
+`reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale, no
+clip at 0), -1 for a bad format (the code's -1 - 1/B, less its empty question's singleton penalty); with
+solver.SolverConfig.band="code" a missing \\boxed{} votes "None". Its known fault (scoring only when the Solver's
 majority equals the last character of the Challenger's own answer) is not reproduced.
 
-`validity_gate=True` (the lab's switch) is what that scorer meant, the authors' until December 2025: a question
-scores as if the Solver were unanimous (p = 0: reward 0, or -r_rep in the code variant) unless the Solver's
-majority is equivalent to the Challenger's own boxed answer and more than 1 in 10 answers agree. Off, the
-Challenger's own answer is never read.
+`validity_gate=True` (the lab's switch) is what that scorer meant, the authors' until December 2025: a question scores
+as if the Solver were unanimous (p = 0: reward 0, or -r_rep in the code variant) unless the Solver's majority is
+equivalent to the Challenger's own boxed answer and more than 1 in 10 answers agree. Off, that answer is never read.
 """
 import math
 from collections import Counter
@@ -50,11 +46,8 @@ CHALLENGER_SYSTEM = (
     "Aim for a difficulty such that fewer than 30 % of advanced high-school students could solve it. "
     "Avoid re-using textbook clichés or famous contest problems.\n"
     "THEN, without revealing any of your private thoughts, output **exactly** the following two blocks:\n\n"
-    "<question>\n"
-    "{The full problem statement on one or more lines}\n"
-    "</question>\n\n"
-    r"\boxed{final_answer}"
-    "\n\n"
+    "<question>\n{The full problem statement on one or more lines}\n</question>\n\n"
+    "\\boxed{final_answer}\n\n"
     "Do NOT output anything else—no explanations, no extra markup."
 )
 CHALLENGER_USER = ("Generate one new, challenging reasoning question now. "
@@ -83,14 +76,10 @@ def _last_question_span(text: str) -> tuple[int, int] | None:
     """(start, end) of the content of the last <question>...</question>, as re.findall with the non-greedy
     pattern <question>(.*?)</question> would find it, but by str.find: linear time on any input."""
     span, pos = None, 0
-    while True:
-        s = text.find(OPEN, pos)
-        if s < 0:
-            return span
-        e = text.find(CLOSE, s + len(OPEN))
-        if e < 0:  # an opening tag with no closing tag after it: no later match exists
-            return span
+    # stops at the first opening tag with no closing tag after it: no later match exists
+    while (s := text.find(OPEN, pos)) >= 0 and (e := text.find(CLOSE, s + len(OPEN))) >= 0:
         span, pos = (s + len(OPEN), e), e + len(CLOSE)
+    return span
 
 
 def parse_question(text: str) -> str | None:
@@ -106,12 +95,6 @@ def parse_challenger_answer(text: str) -> str | None:
     return grader.extract_boxed(text[span[1] + len(CLOSE):]) if span else None
 
 
-# ----------------------------------------------------------------------------- uncertainty
-
-def uncertainty_reward(p: float) -> float:
-    return 1.0 - 2.0 * abs(p - 0.5)
-
-
 # ----------------------------------------------------------------------------- BLEU
 
 def _ngrams(tokens, n) -> Counter:
@@ -119,13 +102,11 @@ def _ngrams(tokens, n) -> Counter:
 
 
 def bleu4(hyp: list[str], ref: list[str]) -> float:
-    """Sentence BLEU-4 of `hyp` against the single reference `ref`, the slow, obviously-correct path.
-
-    Equal to NLTK's sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1):
-    p_n = clipped n-gram matches / max(1, #hyp n-grams), a zero match count replaced by epsilon = 0.1
-    (Chen & Cherry's method 1, so a hypothesis shorter than n tokens gets p_n = 0.1); 0 when no unigram
-    matches; uniform weights; brevity penalty exp(1 - |ref| / |hyp|) unless |hyp| > |ref|.
-    """
+    """Sentence BLEU-4 of `hyp` against the single reference `ref`, the slow, obviously-correct path. Equal to
+    NLTK's sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1): p_n = clipped n-gram
+    matches / max(1, #hyp n-grams), a zero match count replaced by epsilon = 0.1 (Chen & Cherry's method 1, so a
+    hypothesis shorter than n tokens gets p_n = 0.1); 0 when no unigram matches; uniform weights; brevity
+    penalty exp(1 - |ref| / |hyp|) unless |hyp| > |ref|."""
     if isinstance(hyp, str) or isinstance(ref, str):
         raise TypeError("bleu4 takes token lists (e.g. text.split()), not strings")
     log_p = 0.0
@@ -144,22 +125,19 @@ def bleu_matrix(sentences: list[list[str]]) -> np.ndarray:
 
     The clipped match count sum_g min(c_i(g), c_j(g)) is symmetric in i and j, so it is accumulated once per
     n-gram over the sentences that share it (an inverted index, vectorised with numpy); only the denominators
-    and the brevity penalty depend on which side is the hypothesis. Cost: sum over shared n-grams of df^2.
-    """
+    and the brevity penalty depend on which side is the hypothesis. Cost: sum over shared n-grams of df^2."""
     B = len(sentences)
     L = np.array([len(s) for s in sentences], dtype=np.float64)  # (B,)
     log_p = np.zeros((B, B))
     for n in range(1, 5):
-        postings = {}  # n-gram -> ([sentence ids], [counts])
+        postings = {}  # n-gram -> [(sentence id, count)]
         for i, s in enumerate(sentences):
             for g, c in _ngrams(s, n).items():
-                ids, cs = postings.setdefault(g, ([], []))
-                ids.append(i)
-                cs.append(c)
+                postings.setdefault(g, []).append((i, c))
         match = np.zeros((B, B))  # (B, B) clipped n-gram matches, symmetric
-        for ids, cs in postings.values():
-            if len(ids) > 1:
-                ix, c = np.array(ids), np.array(cs, dtype=np.float64)
+        for pairs in postings.values():
+            if len(pairs) > 1:
+                ix, c = np.array([i for i, _ in pairs]), np.array([k for _, k in pairs], dtype=np.float64)
                 match[np.ix_(ix, ix)] += np.minimum.outer(c, c)
         if n == 1:
             unigram_match = match
@@ -173,8 +151,7 @@ def bleu_matrix(sentences: list[list[str]]) -> np.ndarray:
 
 
 def bleu_distances(questions: list[str], symmetric: bool = True) -> np.ndarray:
-    """d_ij = 1 - BLEU on whitespace tokens; symmetric=True averages both directions, False is the authors'
-    code (hypothesis = the lower batch index, mirrored)."""
+    """d_ij = 1 - BLEU on whitespace tokens, both directions averaged (symmetric=False: the code's, mirrored)."""
     S = bleu_matrix([q.split() for q in questions])  # (B, B)
     S = (S + S.T) / 2 if symmetric else np.triu(S) + np.triu(S, 1).T
     return 1.0 - S
@@ -183,16 +160,15 @@ def bleu_distances(questions: list[str], symmetric: bool = True) -> np.ndarray:
 # ----------------------------------------------------------------------------- clustering
 
 def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray:
-    """Flat clusters of average-linkage (UPGMA) agglomerative clustering: merge the closest pair of clusters
-    while their average pairwise distance is < cut (strict, as sklearn's distance_threshold). Returns labels
-    (B,) numbered 0.. in order of first appearance.
+    """Flat clusters of average-linkage (UPGMA) agglomerative clustering: merge the closest pair of clusters while
+    their average pairwise distance is < cut (strict, as sklearn's distance_threshold). Returns labels (B,)
+    numbered 0.. in order of first appearance. weights (B,): point i stands for weights[i] identical points
+    (their distance 0 merges them first), as cluster_sizes uses.
 
     UPGMA is monotone (a merge never creates a closer pair), so stopping at the first merge >= cut gives the
     dendrogram cut exactly. Each cluster lives in the row of its smallest member; every row keeps its nearest
     neighbour, so a merge costs O(B) plus a rescan of the rows that pointed at the merged pair. Ties: the pair
-    with the lexicographically smallest (row, column) merges first, so results are deterministic. weights (B,):
-    point i stands for weights[i] identical points (their distance 0 merges them first), as cluster_sizes uses.
-    """
+    with the lexicographically smallest (row, column) merges first, so results are deterministic."""
     D = np.array(dist, dtype=np.float64)  # (B, B) copy, becomes the cluster-to-cluster distance matrix
     B = D.shape[0]
     if D.shape != (B, B):
@@ -219,9 +195,8 @@ def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray
         stale[i] = True
         closer = alive & ~stale & ((row < nn_d) | ((row == nn_d) & (i < nn)))
         nn[closer], nn_d[closer] = i, row[closer]
-        idx = np.flatnonzero(stale)
-        nn[idx] = D[idx].argmin(1)
-        nn_d[idx] = D[idx, nn[idx]]
+        nn[stale] = D[stale].argmin(1)
+        nn_d[stale] = D[stale, nn[stale]]
     return np.unique(rep, return_inverse=True)[1]  # rep is each cluster's smallest member: first-appearance order
 
 
@@ -229,8 +204,7 @@ def cluster_sizes(questions: list[str], cut: float = 0.5, symmetric: bool = True
     """|C(x_i)| for each question of the batch. Copies of a question of 4 or more tokens (the same whitespace tokens:
     BLEU 1, distance 0, so they merge before anything else; a shorter copy's smoothed BLEU is below 1) are scored
     once, as one point of their count: a Challenger that writes one long question 512 times costs one BLEU pair,
-    not 512^2, and gets the same clusters. (Not at cut 0, where nothing merges, nor in the code's one-directional
-    BLEU, where a copy's distances depend on its batch position.)"""
+    not 512^2, and gets the same clusters. Not at cut 0 (nothing merges), nor with the code's one-way BLEU."""
     if not questions:
         return []
     dedupe = symmetric and cut > 0  # only then do copies merge before anything else
@@ -254,13 +228,16 @@ def repetition_penalty(questions: list[str], lam: float = 1.0, cut: float = 0.5,
 
 # ----------------------------------------------------------------------------- the reward
 
+def uncertainty_reward(p: float) -> float:
+    return 1.0 - 2.0 * abs(p - 0.5)
+
+
 def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig,
                        own_answers: list | None = None) -> tuple[list[float], list[dict]]:
-    """Rewards of a whole batch of B Challenger completions (every rank's, gathered): questions[i] is
-    parse_question of completion i (None: bad format), votes[i] the frozen Solver's vote on it (solver.Vote:
-    .majority, .p; None where the question is None), own_answers[i] the Challenger's own boxed answer (read
-    only with cfg.validity_gate). Also per-question stats: question, valid_format, p, majority, cluster_size,
-    r_unc (the uncertainty term used), r_rep, gated."""
+    """Rewards of a whole batch of B Challenger completions (every rank's, gathered): questions[i] is parse_question
+    of completion i (None: bad format), votes[i] the frozen Solver's vote on it (solver.Vote: .majority, .p; None
+    where the question is None), own_answers[i] the Challenger's own boxed answer (read only with
+    cfg.validity_gate). Also per-question stats (r_unc: the uncertainty term used)."""
     if cfg.reward_variant not in ("paper", "code"):
         raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
     code = cfg.reward_variant == "code"
@@ -278,12 +255,8 @@ def challenger_rewards(questions: list[str | None], votes: list, cfg: Challenger
         agree = own and v.majority and v.p > 0.1 and grader.is_equiv(v.majority, own)
         gated = cfg.validity_gate and not agree
         p = 0.0 if gated else v.p  # the authors' gated score: as if the Solver were sure
-        if code:
-            r_unc = min(p, 1.0 - p)
-            rewards[i] = r_unc - r_rep
-        else:
-            r_unc = uncertainty_reward(p)
-            rewards[i] = max(0.0, r_unc - r_rep)
+        r_unc = min(p, 1.0 - p) if code else uncertainty_reward(p)
+        rewards[i] = r_unc - r_rep if code else max(0.0, r_unc - r_rep)
         stats[i].update(question=questions[i], valid_format=True, p=v.p, majority=v.majority, cluster_size=size,
                         r_unc=r_unc, r_rep=r_rep, gated=gated)
     return rewards, stats

@@ -14,35 +14,28 @@ reference policy (the policy at the start of the phase):
     k3     = exp(d) - d - 1,  d = logp_ref - logp,  clamped to [-10, 10]       (Schulman 2020)
     loss_t = pg + 0.01 * k3
 
-then aggregated over tokens with one of three normalisations (`loss_agg`): "token_mean" (sum over all
-tokens / number of tokens), "seq_mean_token_mean" (mean within each sequence, then over sequences),
-"constant" (Dr. GRPO: sum / (sequences * max_len_norm), no length bias).
+then aggregated over tokens by `loss_agg`: "token_mean" (sum / tokens), "seq_mean_token_mean" (mean within each
+sequence, then over sequences) or "constant" (Dr. GRPO: sum / (sequences * max_len_norm), no length bias).
 
 Choices and departures from the paper / the authors' EasyR1 code:
-- One call of `grpo_update` is one optimizer step over the whole rollout batch it is given, 1 epoch (as in
-  the paper). `train_step` splits a rollout step into its optimizer updates (R-Zero: 4 per step); `assemble`
-  makes the step's batch (right-padded ids, completion mask, group advantages) from token lists and rewards.
-- The normaliser (token or sequence count) is computed over the WHOLE optimizer batch before the
-  micro-batch loop. The authors' code divides each micro-batch by its own token count, so the update
-  depends on how sequences fall into micro-batches; here micro-batched gradients equal one big batch.
+- The normaliser (token or sequence count) is the WHOLE optimizer batch's: the authors' code divides each
+  micro-batch by its own token count, so their update depends on the micro-batching; here it does not.
 - Log-probs are computed in float32 from chunks of hidden states, so a [B, T, vocab] tensor never exists
   (a 151k vocab at B*T = 32k tokens would be 20 GB); each chunk is recomputed in backward.
 - old_logp may be the sampler's log-probs or None (the detached current policy, ratio == 1): train_step
   recomputes it with the policy for every update but the first, whose policy is the sampling policy.
-- No entropy bonus, no KL in the reward, the step is skipped when the gradient norm is non-finite.
+- 1 epoch: `train_step` makes one `grpo_update` (optimizer step) per slice of the rollout batch (R-Zero: 4 per
+  step). No entropy bonus, no KL in the reward; an update is skipped when the gradient norm is non-finite.
 
-FSDP2: the model is called only through `model(...)`, the lm_head is applied to the hidden states of that
-same forward (the root module's parameters stay unsharded until backward), no `.data` is touched and grad
-clipping uses clip_grad_norm_, which handles DTensors. Every rank must hold the same number of sequences,
-because each micro-batch forward/backward runs collectives.
+FSDP2: the model is called only as `model(...)` and the lm_head applied to that forward's hidden states (the root
+module's parameters stay unsharded until backward); no `.data` is touched; clip_grad_norm_ handles DTensors.
+Every rank must hold the same number of sequences: each micro-batch forward/backward runs collectives.
 """
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "constant")
@@ -101,9 +94,8 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     adv = r - r.mean(1, keepdim=True)
     if scale_by_std:
         adv = adv / (r.std(1, keepdim=True) + eps)  # unbiased std (n - 1), torch's default as in verl/EasyR1
-    zero_var = (r == r[:, :1]).all(1)                                    # (B,)
-    # all-equal groups carry no signal; force exact zeros (the mean of equal floats can round off)
-    adv = adv.masked_fill(zero_var[:, None], 0.0)
+    zero_var = (r == r[:, :1]).all(1)                                    # (B,) all-equal groups: no signal
+    adv = adv.masked_fill(zero_var[:, None], 0.0)  # exact zeros: the mean of equal floats can round off
     return adv.flatten(), int(zero_var.sum())
 
 
@@ -123,21 +115,17 @@ def assemble(prompts, completions, rewards, group_size, pad_id, cfg, device=None
 def split(rollout, n):
     """The n optimizer updates of a rollout step: equal consecutive slices of its batch."""
     B = rollout.input_ids.shape[0]
-    pick = lambda x, rows: None if x is None else x[rows]
-    return [Rollout(*(pick(x, slice(u * B // n, (u + 1) * B // n)) for x in (
-        rollout.input_ids, rollout.completion_mask, rollout.advantages, rollout.old_logp, rollout.ref_logp)))
-        for u in range(n)]
+    fields = (rollout.input_ids, rollout.completion_mask, rollout.advantages, rollout.old_logp, rollout.ref_logp)
+    return [Rollout(*(None if x is None else x[u * B // n:(u + 1) * B // n] for x in fields)) for u in range(n)]
 
 
 def my_prompts(n, updates):
     """The global indices of this rank's share of a step's n prompts: every update's slice of the batch is
     split across ranks, so the u-th slice of every rank's rollout makes up update u, as in one process."""
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    idx = []
-    for u in range(updates):
-        lo, size = u * n // updates, (u + 1) * n // updates - u * n // updates
-        idx += range(lo + r * size // w, lo + (r + 1) * size // w)
-    return idx
+    cuts = [u * n // updates for u in range(updates + 1)]  # update u: the prompts cuts[u]:cuts[u + 1]
+    return [i for lo, hi in zip(cuts, cuts[1:])
+            for i in range(lo + r * (hi - lo) // w, lo + (r + 1) * (hi - lo) // w)]
 
 
 def _chunk_logprobs(lm_head, h, targets, temperature):
@@ -148,15 +136,14 @@ def _chunk_logprobs(lm_head, h, targets, temperature):
 def token_logprobs(model, input_ids, completion_mask, temperature, chunk=1024):
     """logp[b, t] = log_softmax(logits[b, t-1] / T)[input_ids[b, t]] where completion_mask[b, t], else 0."""
     mask = completion_mask[:, 1:].bool()         # (B, T-1): position t predicts token t+1; column 0 ignored
-    h = model(input_ids, return_hidden=True)     # (B, T, D)
-    h = h[:, :-1][mask]                          # (N, D) only the positions we score
+    h = model(input_ids, return_hidden=True)[:, :-1][mask]  # (B, T, D) -> (N, D) only the positions we score
     targets = input_ids[:, 1:][mask]             # (N,)
     parts = [checkpoint(_chunk_logprobs, model.lm_head, h[i:i + chunk], targets[i:i + chunk], temperature,
                         use_reentrant=False)    # backward keeps one chunk of logits alive, not N of them
              for i in range(0, targets.numel(), chunk)]
     vals = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, vals)  # (B, T-1)
-    return F.pad(logp, (1, 0))                                                                    # (B, T)
+    return torch.nn.functional.pad(logp, (1, 0))  # (B, T)
 
 
 def loss_normaliser(mask, cfg):
@@ -169,9 +156,7 @@ def loss_normaliser(mask, cfg):
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
     """logp/old_logp/ref_logp/mask (B, T), advantages (B,) -> (scalar loss, stats of 0-dim detached tensors).
-
-    normaliser comes from loss_normaliser over the whole optimizer batch, so summing the losses of the
-    micro-batches gives the loss of the batch."""
+    normaliser is loss_normaliser of the whole optimizer batch: the micro-batches' losses sum to the batch's."""
     mask = mask.float()
     adv = advantages[:, None].float()                     # (B, 1) broadcast over the sequence's tokens
     ratio = (logp - old_logp).clamp(-20, 20).exp()        # clamp: exp overflow would give inf * 0 = nan grads
@@ -191,23 +176,18 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
 
     with torch.no_grad():
         n = mask.sum()
-
-        def mean(x):
-            return (x.float() * mask).sum() / n.clamp(min=1)
-        dual = cfg.dual_clip or math.inf
+        mean = lambda x: (x.float() * mask).sum() / n.clamp(min=1)
+        dual = cfg.dual_clip or float("inf")
         stats = dict(clip_frac_low=mean((adv < 0) & (ratio < 1 - cfg.clip_low)),
                      clip_frac_high=mean((adv > 0) & (ratio > 1 + cfg.clip_high)),
-                     dual_clip_frac=mean((adv < 0) & (ratio > dual)),
-                     kl=mean(kl), ratio=mean(ratio),
-                     entropy=mean(-logp),  # -log p of sampled tokens: a one-sample entropy estimate
-                     tokens=n)
+                     dual_clip_frac=mean((adv < 0) & (ratio > dual)), kl=mean(kl), ratio=mean(ratio),
+                     entropy=mean(-logp), tokens=n)  # -log p of sampled tokens: a one-sample entropy estimate
     return loss, stats
 
 
 def _micro_batches(mask, size):
-    """Yield (rows, T_mb): `size` sequences at a time, trimmed to their last completion column. Sequences of
-    similar length go together (sorted by length), so a micro-batch pads to its own longest, not the batch's:
-    the same sum of gradients (the normaliser is the batch's) for much less padding."""
+    """Yield (rows, T_mb): `size` sequences at a time, sorted by length and trimmed to their last completion column,
+    so a micro-batch pads to its own longest, not the batch's (the same gradients: the normaliser is the batch's)."""
     ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1)  # (B,)
     order = ends.argsort(stable=True)
     ends = ends[order].tolist()  # one sync
@@ -226,8 +206,7 @@ def rollout_logprobs(model, input_ids, completion_mask, cfg):
 
 
 def make_optimizer(model, cfg):
-    # weight decay on every parameter (norms and embeddings too), as in EasyR1
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # all decayed (norms, embeddings), as in EasyR1
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
@@ -239,10 +218,8 @@ def grpo_update(model, optimizer, rollout, cfg):
     mask = rollout.completion_mask
     world = dist.get_world_size() if dist.is_initialized() else 1
     normaliser = loss_normaliser(mask, cfg)
-    if world > 1:
-        # each rank sees only its shard; the global denominator makes the sum over ranks the global loss,
-        # and `* world` undoes the data-parallel gradient averaging
-        dist.all_reduce(normaliser)
+    if world > 1:  # the global denominator makes the ranks' losses sum to the global loss; `* world` below
+        dist.all_reduce(normaliser)  # undoes the data-parallel gradient averaging
 
     optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(len(STAT_KEYS) + 2, device=mask.device)  # loss, token-weighted stats, tokens
@@ -258,26 +235,21 @@ def grpo_update(model, optimizer, rollout, cfg):
         dist.all_reduce(sums)
 
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # DTensor grads (FSDP2) give a DTensor norm
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     skipped = not torch.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # also frees the grads before the next rollout
 
-    tokens = sums[-1].clamp(min=1)
-    stats = {k: float(v / tokens) for k, v in zip(STAT_KEYS, sums[1:-1])}
+    stats = {k: float(v / sums[-1].clamp(min=1)) for k, v in zip(STAT_KEYS, sums[1:-1])}
     stats.update(loss=float(sums[0]), tokens=float(sums[-1]), grad_norm=float(grad_norm), skipped=float(skipped))
     return stats
 
 
 def train_step(model, optimizer, rollout, ref, cfg, updates):
-    """A rollout step's training: the reference's log-probs and the old ones, recomputed by the policy before
-    its first update, then `updates` optimizer updates over equal slices. Mean of their stats, and the seconds
-    of the log-prob passes (logprob_pass_s) and of the updates (grpo_update_s).
-
-    The first slice needs no old pass: its update runs on the policy that sampled, so old_logp=None (the
-    detached current log-probs) is exactly what a recomputation would give; later slices see an updated policy."""
+    """A rollout step's training: the reference's log-probs, the old ones of every slice but the first (see the
+    module docstring), then `updates` optimizer updates over equal slices. Mean of their stats, and the seconds
+    of the log-prob passes (logprob_pass_s) and of the updates (grpo_update_s)."""
     t0 = time.perf_counter()
     if ref is not None and cfg.kl_coef > 0:
         rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)
@@ -287,5 +259,5 @@ def train_step(model, optimizer, rollout, ref, cfg, updates):
     t1 = time.perf_counter()
     stats = [grpo_update(model, optimizer, part, cfg) for part in parts]
     good = [s for s in stats if not s["skipped"]] or stats  # a skipped update's stats are NaN
-    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {
-        "skipped": sum(s["skipped"] for s in stats), "logprob_pass_s": t1 - t0, "grpo_update_s": time.perf_counter() - t1}
+    return {k: sum(s[k] for s in good) / len(good) for k in stats[0]} | {"skipped": sum(s["skipped"] for s in stats),
+            "logprob_pass_s": t1 - t0, "grpo_update_s": time.perf_counter() - t1}
