@@ -1,26 +1,14 @@
-"""
-The decoder-only transformer that R-Zero trains, written out by hand, loading Hugging Face checkpoints.
+"""The decoder-only transformer that R-Zero trains, written out by hand, loading Hugging Face checkpoints.
 
-One module covers the three families the paper and its peers use:
-- Qwen3 (Qwen3-4B/8B-Base): RMSNorm on each head of q and k, explicit head_dim, no qkv bias.
-- Qwen2 / Qwen2.5: bias on q, k and v.
-- Llama 3 (OctoThinker-3B/8B): "llama3" RoPE frequency scaling.
-All: grouped-query attention, RMSNorm, SwiGLU MLP, rotate-half RoPE (the checkpoints' own convention, so no
-weight permutation), tied or untied embeddings.
+One module covers the families the paper and its peers use: Qwen3 (Qwen3-4B/8B-Base: RMSNorm on each head of q
+and k, explicit head_dim), Qwen2 / Qwen2.5 (bias on q, k and v), Llama 3 (OctoThinker-3B/8B: "llama3" RoPE
+scaling); all with grouped-query attention, RMSNorm, SwiGLU, rotate-half RoPE (the checkpoints' own convention:
+no weight permutation), tied or untied embeddings. Loading is `load_state_dict(strict=True, assign=True)` on a
+module built on the meta device: no random init, no second copy of the weights.
 
-Parameter names are the checkpoints' names without the leading "model." (see `hf_name`), so loading is
-`load_state_dict(strict=True, assign=True)` on a module built on the meta device: no random init, no second
-copy of the weights.
-
-The training forward and the decode forward are the same function; the KV cache is an argument. The cache
-is paged (KVCache): every row writes each token at the slot equal to its position, so rows of different
-lengths need no left padding (a row's query at position p attends to its slots 0..p), and a row holds only
-the pages its tokens fill. Attention reads a row's pages by gathering them, one layer at a time: a copy a fused
-paged-attention kernel (vLLM) would avoid, kept because it is plain PyTorch. Batches without a cache are
-right-padded and need no mask at all (a real token never attends to a later pad).
-
-Left out on purpose: sliding-window attention (off in every checkpoint we target), RoPE types other than
-default and llama3, dropout.
+The training forward and the decode forward are the same function; the KV cache (KVCache, paged) is an argument.
+Batches without a cache are right-padded and need no mask (a real token never attends to a later pad). Left out
+on purpose: sliding-window attention (off in every checkpoint we target), RoPE other than default/llama3, dropout.
 """
 import json
 import math
@@ -30,9 +18,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-SUPPORTED = ("qwen3", "qwen2", "llama")
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # supported
 
 
 @dataclass
@@ -49,15 +39,14 @@ class ModelConfig:
     rope_theta: float = 1e6
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # q/k/v (and, for llama, o) projections carry a bias
+    attention_bias: bool = False  # q/k/v projections carry a bias, and o too except in Qwen2
     qk_norm: bool = True  # Qwen3's per-head RMSNorm on q and k
 
     @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
-        """Reads a config.json written by transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)."""
+    def from_hf(cls, d: dict) -> "ModelConfig":  # transformers 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)
         mt = d.get("model_type")
-        if mt not in SUPPORTED:
-            raise ValueError(f"model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"model_type {mt!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
@@ -72,25 +61,20 @@ class ModelConfig:
             num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=True if mt == "qwen2" else d.get("attention_bias", False),
-            qk_norm=mt == "qwen3",
-        )
+            tie_word_embeddings=d.get("tie_word_embeddings", False), qk_norm=mt == "qwen3",
+            attention_bias=True if mt == "qwen2" else d.get("attention_bias", False))
 
 
-    def to_hf(self) -> dict:
-        """A config.json for a model built from a ModelConfig rather than loaded from a checkpoint."""
-        arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+    def to_hf(self) -> dict:  # a config.json for a model built from a ModelConfig, not loaded from a checkpoint
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rope_scaling", "qk_norm")}
-        d["architectures"] = [arch[self.model_type]]
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
         d["rope_parameters"] = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
         return d
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    # op for op as transformers computes it: float32, on the CPU, then moved; so it equals theirs bit for bit
-    # (float64 then cast is an ulp off here and there, and a GPU's pow may be: a phase error that grows with
-    # the position)
+    # op for op as transformers computes it: float32, on the CPU, then moved; so it equals theirs bit for bit (float64
+    # then cast is an ulp off here and there, and a GPU's pow may be: a phase error that grows with the position)
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     if cfg.rope_scaling:  # llama3: stretch low frequencies by `factor`, keep high ones, interpolate between
@@ -127,24 +111,24 @@ PAGE = 16  # cache slots per page
 
 
 class KVCache:
-    """Keys and values of every layer in pages of PAGE slots, (n_layer, pages, PAGE, n_kv, hd), and a page table
-    per row: slot s of row r is slot s % PAGE of page table[r, s // PAGE]. Slot index == position.
-
-    Rows take pages as they grow (`grow`), so the cache holds the tokens actually there, not max_len per row.
-    Page 0 is scratch: unassigned table entries point to it, so writes of free rows or of padding land where
-    no row reads (reads beyond a row's own position are masked in attention).
-
-    A fixed cache (new_cache without a pool) gives row r pages r*n+1 .. (r+1)*n for good: its slots are one run
-    of memory, so attention reads them in place instead of gathering the pages every layer and step."""
+    """Keys and values of every layer in pages of PAGE slots, (n_layer, pages + 1, PAGE, n_kv, hd), and a page
+    table per row: slot s of row r is slot s % PAGE of page table[r, s // PAGE]. Slot index == position, so rows
+    of different lengths need no left padding (a query at position p attends to its row's slots 0..p); a row takes
+    pages as it grows. Page 0 is scratch: unassigned entries point to it, so writes of free rows or of padding land
+    where no row reads. Attention gathers a row's pages a layer at a time (a copy a fused kernel, as in vLLM, would
+    avoid), but reads a fixed cache (pages=None: each row's pages are one run, held for good) in place."""
 
     def __init__(self, cfg: ModelConfig, rows, pages, max_len, dtype, device):
+        self.fixed = pages is None
+        pages = rows * self.pages_for(max_len) if self.fixed else pages
         shape = (cfg.num_hidden_layers, pages + 1, PAGE, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = torch.zeros(rows, -(-max_len // PAGE), dtype=torch.long, device=device)  # (rows, max_pages)
         self.held = [[] for _ in range(rows)]  # the host's copy: the pages of each row, in slot order
         self.free = list(range(pages, 0, -1))  # pop() hands out the lowest page first
-        self.fixed = False  # True: row r holds pages r*n+1 .. (r+1)*n for good, so its slots are one run (new_cache)
+        if self.fixed:
+            self.grow(range(rows), [max_len] * rows)  # row r gets pages r*n+1 .. (r+1)*n: the lowest first
 
     @staticmethod
     def token_bytes(cfg: ModelConfig, dtype) -> int:  # keys + values of one token in every layer
@@ -159,15 +143,14 @@ class KVCache:
         need = [(r, self.pages_for(n) - len(self.held[r])) for r, n in zip(rows, lengths)]
         if sum(max(0, k) for _, k in need) > len(self.free):
             return False
-        at, pages = [], []  # (row, table column) and the page given there
+        at = []  # (row, table column, the page given there)
         for r, k in need:
             for _ in range(k):
-                at.append((r, len(self.held[r])))
                 self.held[r].append(self.free.pop())
-                pages.append(self.held[r][-1])
+                at.append((r, len(self.held[r]) - 1, self.held[r][-1]))
         if at:
-            r, j = torch.tensor(at, device=self.table.device).T
-            self.table[r, j] = torch.tensor(pages, device=self.table.device)
+            r, j, page = torch.tensor(at, device=self.table.device).T
+            self.table[r, j] = page
         return True
 
     def release(self, rows):  # the rows' pages back to the free list (a fixed row keeps them for its next job)
@@ -181,16 +164,14 @@ class KVCache:
     def copy_prefix(self, dst_rows, src_row, length):  # slots 0..length-1 of src_row into each of dst_rows (grown)
         n = self.pages_for(length)
         src, dst = self.table[src_row, :n].repeat(len(dst_rows)), self.table[dst_rows, :n].flatten()
-        for cache in (self.k, self.v):  # whole pages (the tail is the prompt's padding); a layer at a time, so
-            for layer in cache:  # the copy's temporary is one layer's
-                layer[dst] = layer[src]
+        for layer in (*self.k, *self.v):  # whole pages (the tail is the prompt's padding); a layer at a time, so
+            layer[dst] = layer[src]  # the copy's temporary is one layer's
 
     def keep_rows(self, rows, length=None):  # rows: a list; the others must have been released
         if self.fixed:  # move the kept rows' slots (those below `length`, all by default) to the front
-            for cache in (self.k, self.v):
-                for layer in cache:
-                    runs = self._runs(layer)[:, :length]
-                    runs[: len(rows)] = runs[rows]
+            for layer in (*self.k, *self.v):
+                runs = self._runs(layer)[:, :length]
+                runs[: len(rows)] = runs[rows]
             self.table, self.held = self.table[: len(rows)], self.held[: len(rows)]
             return
         self.table, self.held = self.table[rows], [self.held[r] for r in rows]
@@ -199,16 +180,14 @@ class KVCache:
         B, n = self.table.shape
         return layer[1: 1 + B * n].view(B, n * PAGE, *layer.shape[2:])
 
-    def view(self, rows):
-        """The same pages seen through a subset of the rows (e.g. the rows a prefill writes)."""
+    def view(self, rows):  # the same pages seen through a subset of the rows (e.g. the rows a prefill writes)
         v = object.__new__(KVCache)
         v.k, v.v, v.table, v.held, v.free, v.fixed = self.k, self.v, self.table[rows], None, None, False
         return v
 
     def update(self, layer, k, v, input_pos, kv_len):
         # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd)
-        page = self.table.gather(1, input_pos // PAGE)  # (B, T)
-        slot = input_pos % PAGE
+        page, slot = self.table.gather(1, input_pos // PAGE), input_pos % PAGE  # (B, T) each
         self.k[layer][page, slot] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
         self.v[layer][page, slot] = v.transpose(1, 2)
         if self.fixed:  # attention reads the rows' slots in place (the gather below costs more than attention)
@@ -221,15 +200,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
-        # Qwen2 has bias on q/k/v only; Llama's and Qwen3's attention_bias covers o_proj too
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size,
+                                bias=cfg.attention_bias and cfg.model_type != "qwen2")
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, input_pos=None, kv_len=None):
         B, T, _ = x.shape
@@ -244,8 +221,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = cache.update(self.layer, k, v, input_pos, kv_len)  # (B, nkv, kv_len, hd)
-            slots = torch.arange(kv_len, device=x.device)
-            mask = (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len): own past only
+            mask = (torch.arange(kv_len, device=x.device) <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -277,8 +253,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, hf_config: dict | None = None):
         super().__init__()
-        self.config = cfg
-        self.hf_config = hf_config or {}  # written back verbatim by save_pretrained
+        self.config, self.hf_config = cfg, hf_config or {}  # hf_config: written back verbatim by save_pretrained
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -309,34 +284,19 @@ class Transformer(nn.Module):
         return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
 
     def new_cache(self, batch, max_len, pages=None, dtype=None):
-        """A cache of `batch` rows of up to max_len slots. pages=None: every row holds its max_len slots from the
-        start (a plain pre-allocated cache); else a pool of `pages` that rows take as they grow."""
+        """`batch` rows of up to max_len slots: a pool of `pages` that rows take as they grow, or fixed (pages=None)."""
         dtype = dtype or self.embed_tokens.weight.dtype
-        full = pages is None
-        cache = KVCache(self.config, batch, batch * KVCache.pages_for(max_len) if full else pages, max_len, dtype,
-                        self.inv_freq.device)
-        if full:
-            cache.grow(range(batch), [max_len] * batch)  # row r gets pages r*n+1 .. (r+1)*n: the lowest first
-            cache.fixed = True
-        return cache
-
-    # ---------------------------------------------------------------- Hugging Face checkpoints
+        return KVCache(self.config, batch, pages, max_len, dtype, self.inv_freq.device)
 
     @staticmethod
-    def hf_name(name):
+    def hf_name(name):  # ours are the checkpoints' names without the leading "model."
         return name if name.startswith("lm_head.") else "model." + name
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        from safetensors import safe_open
-
-        cfg_file = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder {path!r} does not exist")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"model folder {path!r} has no config.json")
-        with open(cfg_file) as f:
-            hf = json.load(f)
+        hf = read_config(path)
         cfg = ModelConfig.from_hf(hf)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -354,9 +314,8 @@ class Transformer(nn.Module):
         for file in files:
             try:
                 with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
-                    for key in f.keys():
-                        if not (cfg.tie_word_embeddings and key == "lm_head.weight"):  # tied: never read twice
-                            sd[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
+                    sd |= {key.removeprefix("model."): f.get_tensor(key).to(dtype) for key in f.keys()
+                           if not (cfg.tie_word_embeddings and key == "lm_head.weight")}  # tied: never read twice
             except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
                 raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
         try:
@@ -384,11 +343,8 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, state_dict=None):
-        """Writes config.json + model.safetensors that transformers loads. state_dict: a full (gathered) one,
-        e.g. from an FSDP-sharded model; default this module's own. Not atomic: callers write a fresh temporary
-        folder and rename it."""
-        from safetensors.torch import save_file
-
+        """Writes config.json + model.safetensors that transformers loads. state_dict: a full (gathered) one (FSDP),
+        default this module's own. Not atomic: callers write a fresh temporary folder and rename it."""
         os.makedirs(path, exist_ok=True)
         sd = state_dict if state_dict is not None else self.state_dict()
         tensors = {self.hf_name(k): v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -405,16 +361,17 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once
 
 
-def check_folder(path):
-    """One clear error for a folder we cannot load, raised before a run touches anything: config.json and its
-    model_type, every weights file's header (safetensors checks it against the file size, so a truncated file
-    fails), a tokenizer."""
-    from safetensors import safe_open
-
+def read_config(path) -> dict:  # a model folder's config.json
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model folder {path!r} has no config.json")
     with open(os.path.join(path, "config.json")) as f:
-        ModelConfig.from_hf(json.load(f))
+        return json.load(f)
+
+
+def check_folder(path):
+    """One clear error for a folder we cannot load, raised before a run touches anything: config.json and its
+    model_type, every weights file's header (checked against the file size: a truncated file fails), a tokenizer."""
+    ModelConfig.from_hf(read_config(path))
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")

@@ -1,22 +1,16 @@
-"""
-Batched sampling with a KV cache, shaped for GRPO: P prompts x n samples each.
+"""Batched sampling with a KV cache, shaped for GRPO: P prompts x n samples each.
 
 How a request is served (R-Zero's requests are large: the Solver answers N x m = 80,000 questions per
 iteration, the Challenger's reward samples m answers for each of 2,048 questions per step):
-- The request is a queue of jobs (prompt i, sample j). B rows hold the jobs in flight; their keys and values
-  live in a pool of pages (model.KVCache) of `memory_budget` bytes that a row takes as it grows, so a short
-  answer costs its own tokens, not max_new_tokens. B is as many rows as the pool holds at the prompt plus
-  `expected_new_tokens` each. When rows outgrow the pool, the newest is preempted: its pages are freed and its
-  job goes back to the front of the queue, to be recomputed (as vLLM does); the oldest rows always progress.
-  When the pool holds every row at max_len anyway (a small model, or short answers: the toy run), each row
-  owns its pages for good and attention reads its slots in place: the per-layer gather of the pages, which
-  cost more than attention itself on a CPU (measured: BENCHMARKS.md), is skipped.
+- The request is a queue of jobs (prompt i, sample j). B rows hold the jobs in flight; their keys and values live in
+  a pool of pages (model.KVCache) of `memory_budget` bytes that a row takes as it grows, so a short answer costs its
+  own tokens, not max_new_tokens. B is as many rows as the pool holds at the prompt plus `expected_new_tokens` each.
+  When rows outgrow the pool, the newest is preempted and requeued, to be recomputed (as vLLM does): the oldest rows
+  always progress. A pool that holds every row at max_len anyway (the toy run) is fixed: attention reads each row's
+  pages in place, skipping the per-layer gather (on a CPU it cost more than attention: BENCHMARKS.md).
 - A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
-  share one prefill: the prompt is run once and its cache copied into their rows (the GRPO group).
-- Every row writes token t at cache slot t, so rows of different lengths need no left padding: a row's
-  query at position p attends to its own slots 0..p (model.py).
-- When the queue is empty and 1/8 of the rows have finished, the batch is compacted to the live rows, so
-  finished rows stop costing compute.
+  share one prefill, copied into their rows (the GRPO group). Rows need no left padding (model.KVCache).
+- When the queue is empty and 1/8 of the rows have finished, the batch is compacted to the live rows.
 - Finishing is decided on the device; the host touches only the rows that finished, so per-step Python work
   does not grow with the batch (stop strings, which must be decoded, are the exception).
 
@@ -32,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import PAGE, KVCache, Transformer
 
@@ -82,12 +77,10 @@ def sample_next(logits, temperature, top_p, top_k, u):
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p; keeps the first
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
     # Inverse CDF (torch.multinomial on CPU is ~20x slower than a cumsum: 57 vs 3 ms for 64 x 32k), exact to the
-    # float32 rounding of the weights. A float32 CDF rounds each token's interval to whole ulps of the sum before
-    # it (6e-8 near 1) and a float32 u lies on a 2^-24 grid: tokens under 6e-8 got probability 0 or ~6e-8, a
-    # total variation of ~1e-3 at 151k tokens. So u and the running sums are float64, in two levels (a float64
-    # cumsum over 151k tokens costs ~2x a float32 one): the block of BLOCK tokens holding t = u * total, from the
-    # cumsum of the block sums, then the token, from that block's cumsum. The block sums stay float32 (float64
-    # ones were slower than the old sampler at 64 x 151k): ~1e-7 relative error per block, as in w itself.
+    # float32 rounding of the weights. A float32 CDF (ulps of 6e-8 near 1) and u (a 2^-24 grid) give tokens under
+    # 6e-8 probability 0 or ~6e-8: a total variation of ~1e-3 at 151k tokens. So u and the sums are float64, in two
+    # levels (a float64 cumsum over 151k tokens costs ~2x a float32 one): the block of BLOCK tokens holding t = u *
+    # total, from the cumsum of the block sums (float32, faster: ~1e-7 relative error, as in w), then the token.
     B, V = filtered.shape
     w = filtered.new_empty(B, -(-V // BLOCK) * BLOCK)  # padded to whole blocks with weight 0
     w[:, V:] = 0
@@ -111,10 +104,9 @@ def sample_next(logits, temperature, top_p, top_k, u):
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
              stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
              progress=False, stats=None):
-    """prompts: list of token-id lists; seed: an int (prompt i gets seed + i) or one seed per prompt.
-    memory_budget: bytes of KV-cache pages; rows in flight are as many as it holds at expected_new_tokens per
-    completion (default max_new_tokens: never a preemption). stats: a dict to receive rows, peak_rows, preempted.
-    Returns [len(prompts)][n] Completions."""
+    """prompts: token-id lists; seed: an int (prompt i gets seed + i) or one per prompt. memory_budget: bytes of
+    KV-cache pages; rows in flight are as many as it holds at expected_new_tokens each (default max_new_tokens: no
+    preemption). stats: a dict to receive rows, peak_rows, preempted. Returns [len(prompts)][n] Completions."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if stop_strings and tokenizer is None:
@@ -123,19 +115,17 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if seed is None:
         seed = int(torch.randint(2**31, ()))  # from the global RNG: torch.manual_seed still reproduces a run
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
-    cfg = model.config
     longest = max(map(len, prompts))
     max_len = longest + max_new_tokens
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     queue = deque(range(len(jobs)))  # jobs to serve, in order; a preempted job goes back to the front
-    page_bytes = PAGE * KVCache.token_bytes(cfg, model.embed_tokens.weight.dtype)
+    page_bytes = PAGE * KVCache.token_bytes(model.config, model.embed_tokens.weight.dtype)
     # the pool: the budget, but no more than every job at max_len, and at least one row of max_len
     pages = max(min(memory_budget // page_bytes, len(jobs) * KVCache.pages_for(max_len)), KVCache.pages_for(max_len))
     expect = min(expected_new_tokens or max_new_tokens, max_new_tokens)
     B = max(1, min(len(jobs), pages // KVCache.pages_for(longest + expect)))
-    # when the pool holds every row at max_len, each row owns its pages for good and attention reads them in place
-    fixed = B * KVCache.pages_for(max_len) <= pages
-    cache = model.new_cache(B, max_len, pages=None if fixed else pages)
+    # pages=None: the pool holds every row at max_len, so each row owns its pages for good (read in place)
+    cache = model.new_cache(B, max_len, pages=None if B * KVCache.pages_for(max_len) <= pages else pages)
     eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
 
@@ -144,86 +134,68 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     n_gen = torch.zeros(B, dtype=torch.long, device=dev)
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
-    # Every job draws its uniforms from its own stream seeded by (prompt seed, sample index): the output does
-    # not depend on the batch it shared, the memory budget, how prompts were split across ranks, or on being
-    # preempted and run again.
+    # uniforms: each job's own stream (admit), so its output is the same in any batch, budget, rank split, preemption
     uniforms = torch.zeros(B, max_new_tokens, dtype=torch.float64, device=dev)  # float64: see sample_next
-    next_logits = torch.zeros(B, cfg.vocab_size, device=dev)
+    next_logits = torch.zeros(B, model.config.vocab_size, device=dev)
     results = [[None] * n for _ in prompts]
     st = dict(rows=B, peak_rows=0, preempted=0, pages=pages)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="sampling", leave=False, disable=None)  # None: no bar when not a terminal
+    bar = tqdm(total=len(jobs), desc="sampling", leave=False, disable=None) if progress else None  # None: on a tty
 
     def admit(rows):
         """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
         take, need = [], 0
-        for r, q in zip(rows, islice(queue, len(rows))):  # the next jobs, as many as the free pages hold
+        for r, q in zip(rows, list(islice(queue, len(rows)))):  # the next jobs, as many as the free pages hold
             need += max(0, KVCache.pages_for(len(prompts[jobs[q][0]])) - len(cache.held[r]))
             if need > len(cache.free):
                 break
-            take.append(q)
+            take.append(queue.popleft())  # q
         if not take:
             return
-        for _ in take:
-            queue.popleft()
-        rows = rows[: len(take)]
-        cache.grow(rows, [len(prompts[jobs[q][0]]) for q in take])
-        lead = {}  # prompt (identical objects, e.g. [prompt] * n, count as one) -> the row its prefill runs in
-        for r, q in zip(rows, take):
-            lead.setdefault(id(prompts[jobs[q][0]]), (r, jobs[q][0]))
-        L = max(len(prompts[i]) for _, i in lead.values())
-        idx = torch.zeros(len(lead), L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
-        for u, (_, i) in enumerate(lead.values()):
-            idx[u, : len(prompts[i])] = torch.tensor(prompts[i], device=dev)
-        lead_rows = torch.tensor([r for r, _ in lead.values()], device=dev)
-        h = model(idx, cache=cache.view(lead_rows), input_pos=torch.arange(L, device=dev).expand(len(lead), L),
-                  kv_len=L, return_hidden=True)  # (U, L, D); the pad positions write slots nobody reads
-        last = torch.tensor([len(prompts[i]) - 1 for _, i in lead.values()], device=dev)
-        first = model.lm_head(h[torch.arange(len(lead), device=dev), last]).float()  # (U, V): last positions only
-        order = list(lead)
-        for u, (r0, i) in enumerate(lead.values()):  # the group's other rows copy the one prefill
-            group = [r for r, q in zip(rows, take) if id(prompts[jobs[q][0]]) == order[u] and r != r0]
-            if group:
-                cache.copy_prefix(group, r0, len(prompts[i]))
-        src = torch.tensor([order.index(id(prompts[jobs[q][0]])) for q in take], device=dev)
+        rows, ps = rows[: len(take)], [prompts[jobs[q][0]] for q in take]  # the taken jobs' rows and prompts
+        cache.grow(rows, list(map(len, ps)))
+        groups = {}  # prompt (identical objects, e.g. [prompt] * n, count as one) -> (the prompt, its rows)
+        for r, p in zip(rows, ps):
+            groups.setdefault(id(p), (p, []))[1].append(r)
+        U, L = len(groups), max(len(p) for p, _ in groups.values())
+        idx = torch.zeros(U, L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
+        for u, (p, _) in enumerate(groups.values()):
+            idx[u, : len(p)] = torch.tensor(p, device=dev)
+        lead = torch.tensor([g[0] for _, g in groups.values()], device=dev)  # the row each prefill runs in: (U,)
+        h = model(idx, cache=cache.view(lead), input_pos=torch.arange(L, device=dev).expand(U, L), kv_len=L,
+                  return_hidden=True)  # (U, L, D); the pad positions write slots nobody reads
+        last = torch.tensor([len(p) - 1 for p, _ in groups.values()], device=dev)
+        first = model.lm_head(h[torch.arange(U, device=dev), last]).float()  # (U, V): last positions only
+        for p, (r0, *copies) in groups.values():  # the group's other rows copy the one prefill
+            if copies:
+                cache.copy_prefix(copies, r0, len(p))
+        src = torch.tensor([list(groups).index(id(p)) for p in ps], device=dev)  # the prefill of each row
         dst = torch.as_tensor(rows, device=dev)
         next_logits[dst] = first[src]
-        row_job[rows], row_pos[rows] = take, [len(prompts[jobs[q][0]]) for q in take]
+        row_job[rows], row_pos[rows] = take, list(map(len, ps))
         n_gen[dst] = 0
         streams = [torch.Generator().manual_seed((seeds[jobs[q][0]] * 1_000_003 + jobs[q][1]) % 2**62) for q in take]
         uniforms[dst] = torch.stack([torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
                                      for g in streams]).to(dev)
 
-    def free_rows(rows):
-        cache.release(rows)
-        row_job[rows] = -1
-
     while True:
         free = np.flatnonzero(row_job < 0)
         # refill once a few rows are free (a prefill per single freed row would waste the matmuls)
-        if queue and len(free) and (len(free) >= max(1, B // 8) or len(free) == B):
+        if queue and len(free) >= max(1, B // 8):
             admit(free.tolist())
         live = row_job >= 0
         if not live.any():
             break
         st["peak_rows"] = max(st["peak_rows"], int(live.sum()))
-        rows_t = torch.arange(B, device=dev)
-        u = uniforms[rows_t, n_gen.clamp(max=max_new_tokens - 1)]  # (B,) this step's draw of each row
-        tok, lp = sample_next(next_logits, temperature, top_p, top_k, u)  # (B,), (B,)
-        out_tok[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = tok
-        out_lp[rows_t, n_gen.clamp(max=max_new_tokens - 1)] = lp
+        at = torch.arange(B, device=dev), n_gen.clamp(max=max_new_tokens - 1)  # (row, step) of each row's token
+        tok, lp = sample_next(next_logits, temperature, top_p, top_k, uniforms[at])  # (B,), (B,)
+        out_tok[at], out_lp[at] = tok, lp
         n_gen += 1
-        live_t = torch.as_tensor(live, device=dev)
-        is_eos = torch.isin(tok, eos_t)
-        done = live_t & (is_eos | (n_gen >= max_new_tokens))
+        done = torch.as_tensor(live, device=dev) & (torch.isin(tok, eos_t) | (n_gen >= max_new_tokens))
         stopped = np.zeros(B, dtype=bool)
         if stop_strings:
             live_rows = np.flatnonzero(live)
-            counts = n_gen[live_rows].tolist()
             tails = tokenizer.batch_decode([out_tok[r, max(0, c - stop_tail): c].tolist()
-                                            for r, c in zip(live_rows, counts)])
+                                            for r, c in zip(live_rows, n_gen[live_rows].tolist())])
             stopped[live_rows] = [any(s in t for s in stop_strings) for t in tails]
             done |= torch.as_tensor(stopped, device=dev)
         finished = torch.nonzero(done).flatten().tolist()  # only finished rows touch the host
@@ -236,7 +208,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             results[i][j] = Completion(toks, out_lp[r, :c].tolist(), reason, text)
             if bar:
                 bar.update(1)
-        free_rows(finished)
+        cache.release(finished)
+        row_job[finished] = -1
         # the next forward writes each live row's token at slot row_pos: a row entering a new page takes one;
         # when none is free, the newest row is preempted (its job starts again later, with the same uniforms)
         while True:
@@ -246,25 +219,21 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
                 break
             victim = int(np.flatnonzero(live)[row_job[live].argmax()])
             queue.appendleft(int(row_job[victim]))
-            free_rows([victim])
+            cache.release([victim])
+            row_job[victim] = -1
             st["preempted"] += 1
-        if not queue:
-            if not live.any():
-                break
-            if live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
-                keep = np.flatnonzero(live)
-                kt = torch.as_tensor(keep, device=dev)
-                cache.keep_rows(keep.tolist(), length=int(row_pos[keep].max()))  # the slots written so far
-                row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
-                n_gen, out_tok, out_lp, tok = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt]
-                uniforms = uniforms[kt]
-                live = np.ones(B, dtype=bool)
         if not live.any():
-            continue  # every row finished this step: refill before the next forward
+            continue  # every row finished this step: refill (or end) before the next forward
+        if not queue and live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
+            keep = np.flatnonzero(live)
+            kt = torch.as_tensor(keep, device=dev)
+            cache.keep_rows(keep.tolist(), length=int(row_pos[keep].max()))  # the slots written so far
+            row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
+            n_gen, out_tok, out_lp, tok, uniforms = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt], uniforms[kt]
+            live = np.ones(B, dtype=bool)
         kv_len = int(row_pos[live].max()) + 1
         pos = torch.as_tensor(row_pos[:, None], device=dev)  # (B, 1)
-        logits = model(tok[:, None], cache=cache, input_pos=pos, kv_len=kv_len)  # (B, 1, V)
-        next_logits = logits[:, -1].float()
+        next_logits = model(tok[:, None], cache=cache, input_pos=pos, kv_len=kv_len)[:, -1].float()  # (B, V)
         row_pos += live  # free rows stay put; their writes land in the scratch page
     if bar:
         bar.close()
