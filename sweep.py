@@ -90,9 +90,21 @@ def results_of(folder):
     return res
 
 
+def stopped(folder):
+    """The run's own last words when it ended early because a dataset phase kept no problem (a result: the
+    method ran dry), else None."""
+    if os.path.isfile(log := os.path.join(folder, "log.txt")):
+        with open(log) as f:
+            last = f.read().rstrip().rpartition("\n")[2]
+        if "nothing to train the Solver on" in last:
+            return last.removeprefix("error: ").partition(":")[0]  # "iteration 3"
+    return None
+
+
 def finished(folder, args):
     import train
-    return os.path.isdir(os.path.join(folder, f"iter{train.parse_config(args).iterations}", "solver"))
+    return os.path.isdir(os.path.join(folder, f"iter{train.parse_config(args).iterations}", "solver")) or \
+        stopped(folder) is not None
 
 
 def run_all(todo, jobs):
@@ -121,9 +133,11 @@ def run_all(todo, jobs):
                 log.close()
                 spent = os.path.join(folder, "sweep_seconds.json")  # wall seconds over every attempt
                 write_text(spent, json.dumps(time.time() - t0 + (load(spent) if os.path.isfile(spent) else 0.0)))
-                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode}, see {folder}/log.txt)"
+                ran_dry = p.returncode == 2 and stopped(folder)
+                status = ("done" if p.returncode == 0 else f"stopped: {ran_dry} kept no problem" if ran_dry else
+                          f"FAILED (exit {p.returncode}, see {folder}/log.txt)")
                 print(f"{arm} seed {seed}: {status}, {time.time() - t0:.0f}s", flush=True)
-                if p.returncode != 0:
+                if p.returncode != 0 and not ran_dry:
                     failed.append((arm, seed, folder))
     finally:
         for p in running:  # an interrupted sweep stops its runs; the next one resumes them
@@ -159,7 +173,7 @@ def summarise(a, runs):
     return table, per_seed, base, seconds
 
 
-def markdown(table, per_seed, base, seeds, wall, machine):
+def markdown(table, per_seed, base, seeds, wall, machine, dry=()):
     pct = lambda s: "-" if s is None else f"{100 * s['mean']:.1f}"
     b = 100 * base["mean_at_k"] if base else float("nan")
     n_it = max((max(its) for its in table.values()), default=0)
@@ -184,6 +198,8 @@ def markdown(table, per_seed, base, seeds, wall, machine):
             diff = "-" if m["difficulty"] is None else f"{m['difficulty']['mean']:.2f}"
             lines.append(f"| {arm} | {i} | {pct(m['mean_at_k'])} | {gain:+.1f} | {pct(m['greedy'])} | "
                          f"{pct(m['pseudo_acc'])} | {kept} | {diff} | {seeds_} |")
+    lines += [""] + [f"{arm} seed {seed} stopped at {it}: its dataset phase kept no problem (every question outside "
+                     "the band), so there was nothing to train the Solver on." for arm, seed, it in dry]
     lines += ["", f"{machine}: {wall / 60:.0f} min of machine time over the runs (each run's wall time summed)."]
     return "\n".join(lines) + "\n"
 
@@ -258,7 +274,8 @@ def main(argv=None):
     if not table:
         sys.exit(f"error: no held-out measures under {a.out} (not run yet, or a real model: its runs' benchmarks.md)")
     machine = f"{os.cpu_count()} cores, {a.jobs} runs at a time"
-    md = markdown(table, per_seed, base, a.seeds, seconds, machine)
+    dry = [(arm, seed, it) for arm, seed, folder, _ in runs if (it := stopped(folder))]
+    md = markdown(table, per_seed, base, a.seeds, seconds, machine, dry)
     if not a.table_only:
         md += f"This invocation: {(time.time() - t0) / 60:.0f} min wall.\n"
     write_text(os.path.join(a.out, "results.md"), md)
