@@ -18,8 +18,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+import safetensors  # safetensors.safe_open and .torch.save_file are looked up at each call: tests wrap them
+import safetensors.torch
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # supported
@@ -313,7 +313,7 @@ class Transformer(nn.Module):
         sd = {}
         for file in files:
             try:
-                with safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+                with safetensors.safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
                     sd |= {key.removeprefix("model."): f.get_tensor(key).to(dtype) for key in f.keys()
                            if not (cfg.tie_word_embeddings and key == "lm_head.weight")}  # tied: never read twice
             except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
@@ -353,7 +353,7 @@ class Transformer(nn.Module):
         hf = dict(self.hf_config) or self.config.to_hf()
         hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
         hf.pop("torch_dtype", None)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
 
@@ -377,7 +377,7 @@ def check_folder(path):
         raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
     for file in files:
         try:
-            with safe_open(os.path.join(path, file), framework="pt") as f:
+            with safetensors.safe_open(os.path.join(path, file), framework="pt") as f:
                 f.keys()
         except Exception as e:
             raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
