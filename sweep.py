@@ -252,20 +252,26 @@ def svg(table, base, path):
 
 def main(argv=None):
     a, extra = parse_args(argv)
+    import toy
+    import train
+    try:
+        on_toy = train.parse_config(extra).model == "toy"
+    except ValueError as e:  # a bad flag after --: train.py's own sentence
+        sys.exit(f"error: {e}")
     if "ttrl" in a.arms and not a.ttrl_data:
-        import train
-        if train.parse_config(extra).model != "toy":
+        if not on_toy:
             sys.exit("error: the ttrl arm needs --ttrl-data FILE (problems of your model's domain)")
         a.ttrl_data = os.path.join(a.out, "ttrl_problems.jsonl")
         if not a.table_only and not os.path.isfile(a.ttrl_data):
-            import toy  # toy problems that are not the held-out set, unlabelled, the size of one dataset phase
-            toy.write_problems(a.ttrl_data, n=272)
+            toy.write_problems(a.ttrl_data, n=272)  # unlabelled, not held out, the size of one dataset phase
+    if on_toy and not a.table_only:
+        toy.toy_path()  # built once here: runs started together would each build it, into one folder
     runs = runs_of(a, extra)
     t0 = time.time()
     if not a.table_only:
         try:
             todo = [r for r in runs if not finished(r[2], r[3])]
-        except ValueError as e:  # a bad flag after --: train.py's own sentence
+        except ValueError as e:  # an arm's switch that the flags after -- contradict
             sys.exit(f"error: {e}")
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished; {a.jobs} at a time -> {a.out}")
         if failed := run_all(todo, a.jobs):
