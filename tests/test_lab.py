@@ -201,3 +201,18 @@ def test_sweep_runs_arms_by_seeds_resumably_and_tabulates_with_spread(world, tmp
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), "--arms", "nope"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown arm 'nope'" in bad.stderr
+
+
+def test_validity_gate_in_a_run_zeroes_what_the_solver_does_not_confirm(tmp_path):
+    """On the bigram world the Challenger boxes 7, 8 or 9 after its question and the Solver's majority is one of
+    them: with the gate, questions whose majority differs from the Challenger's own answer score 0."""
+    markov = make_markov_world(tmp_path / "markov")
+    rows = {}
+    for name, extra in (("plain", []), ("gate", ["--validity-gate"])):
+        r = train(markov, tmp_path / name, *extra, "--eval-problems", "0", "--challenger-prompts", "16")
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[name] = [m for m in jsonl(tmp_path / name / "metrics.jsonl") if m["phase"] == "challenger"]
+    assert all(m["gated"] == 0 for m in rows["plain"]) and any(m["gated"] > 0 for m in rows["gate"])
+    # the same rollouts (same seeds, same starting model) score less once gated
+    gate, plain = rows["gate"][0], rows["plain"][0]
+    assert gate["mean_p"] == plain["mean_p"] and gate["reward"] < plain["reward"]
