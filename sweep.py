@@ -182,11 +182,12 @@ def markdown(table, per_seed, base, seeds, wall, machine, dry=()):
              f"seeds says n); base {b:.1f}.", "",
              head, "|---" * (n_it + 1) + "|"]
     for arm, its in table.items():
-        cells = [f"{pct(m)} [{100 * m['min']:.1f}, {100 * m['max']:.1f}]" + (f" n={m['n']}" if m["n"] < len(seeds) else "")
+        cells = [f"{pct(m)} [{100 * m['min']:.1f}, {100 * m['max']:.1f}]"
+                 + (f" n={m['n']}" if m["n"] < len(seeds) else "")
                  if (m := its.get(i, {}).get("mean_at_k")) else "" for i in range(1, n_it + 1)]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "Per arm and iteration, means over seeds: held-out mean@4 and its gain over the base (points), greedy "
-              "accuracy, pseudo-label accuracy of the kept problems, problems kept (of those generated), mean "
+    lines += ["", "Per arm and iteration, means over seeds: held-out mean@4 and its gain over the base (points), "
+              "greedy accuracy, pseudo-label accuracy of the kept problems, problems kept (of those generated), mean "
               "difficulty of the questions, the seeds' mean@4.", "",
               "| arm | iter | mean@4 | gain | greedy | pseudo acc | kept | difficulty | seeds' mean@4 |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -214,7 +215,8 @@ def svg(table, base, path):
     n_it = max((max(its) for its in table.values()), default=1)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
-    for panel, (key, title) in enumerate([("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")]):
+    panels = [("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")]
+    for panel, (key, title) in enumerate(panels):
         x0 = L + panel * (PW + GAP)
         vals = [v for its in table.values() for m in its.values() if m[key] for v in (m[key]["min"], m[key]["max"])]
         vals += [base["mean_at_k"]] if key == "mean_at_k" and base else []
@@ -232,8 +234,9 @@ def svg(table, base, path):
             out.append(f'<text x="{X(i):.1f}" y="{T + PH + 16}" text-anchor="middle">{i}</text>')
         out.append(f'<text x="{x0 + PW / 2}" y="{T + PH + 34}" text-anchor="middle">iteration</text>')
         if key == "mean_at_k" and base:
-            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{Y(base[key]):.1f}" y2="{Y(base[key]):.1f}" '
-                       f'stroke="#000" stroke-dasharray="5,4"/><text x="{x0 + 4}" y="{Y(base[key]) - 4:.1f}">base</text>')
+            y = Y(base[key])
+            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{y:.1f}" y2="{y:.1f}" stroke="#000" '
+                       f'stroke-dasharray="5,4"/><text x="{x0 + 4}" y="{y - 4:.1f}">base</text>')
         for k, ((arm, its), colour) in enumerate(zip(table.items(), COLOURS)):
             pts = [(X(i) + 3 * (k - len(table) / 2), m[key]) for i, m in its.items() if m[key]]  # arms side by side
             if pts:
@@ -275,7 +278,8 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished; {a.jobs} at a time -> {a.out}")
         if failed := run_all(todo, a.jobs):
-            sys.exit(f"error: {len(failed)} run(s) did not finish: " + ", ".join(f"{arm} seed {s}" for arm, s, _ in failed))
+            names = ", ".join(f"{arm} seed {s}" for arm, s, _ in failed)
+            sys.exit(f"error: {len(failed)} run(s) did not finish: {names}")
     table, per_seed, base, seconds = summarise(a, runs)
     if not table:
         sys.exit(f"error: no held-out measures under {a.out} (not run yet, or a real model: its runs' benchmarks.md)")
