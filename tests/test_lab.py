@@ -216,3 +216,41 @@ def test_validity_gate_in_a_run_zeroes_what_the_solver_does_not_confirm(tmp_path
     # the same rollouts (same seeds, same starting model) score less once gated
     gate, plain = rows["gate"][0], rows["plain"][0]
     assert gate["mean_p"] == plain["mean_p"] and gate["reward"] < plain["reward"]
+
+
+def test_torchrun_two_ranks_run_the_lab_switches_as_one_process(world, tmp_path):
+    """TTRL with oracle labels and --eval-data, under torchrun (gloo, 2 ranks): the first dataset phase and the
+    base's benchmark numbers come from the base model alone, so they equal one process's exactly; a shared-model
+    run under torchrun still trains one set of weights."""
+    import socket
+
+    data, bench = tmp_path / "problems.jsonl", tmp_path / "bench"
+    toy.write_problems(str(data), n=8)
+    bench.mkdir()
+    problems = toy.heldout_problems(4, seed=2)
+    (bench / "toymath.jsonl").write_text("".join(json.dumps(dict(problem=p, answer=str(toy.solve(p)))) + "\n"
+                                                 for p in problems))
+    args = ["--ttrl", str(data), "--labels", "oracle", "--eval-data", str(bench), "--solver-max-new-tokens", "64"]
+
+    def torchrun(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               f"--master_port={port}", os.path.join(ROOT, "train.py"), "--model", world,
+                               "--out-dir", str(out), *LAB, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+
+    assert train(world, tmp_path / "one", *args).returncode == 0
+    r = torchrun(tmp_path / "two", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("iter1/dataset.jsonl", "iter1/questions.json"):
+        assert (tmp_path / "two" / f).read_text() == (tmp_path / "one" / f).read_text(), f
+    assert all(x["pseudo_label"] == str(toy.solve(x["problem"])) for x in jsonl(tmp_path / "two/iter1/dataset.jsonl"))
+    results = lambda out: json.load(open(out / "base_eval" / "results.json"))["results"]
+    assert list(results(tmp_path / "two").values()) == list(results(tmp_path / "one").values())
+    assert (tmp_path / "two" / "benchmarks.md").read_text().splitlines()[:3] == \
+        (tmp_path / "one" / "benchmarks.md").read_text().splitlines()[:3]
+    r = torchrun(tmp_path / "shared", "--shared-model", "--solver-steps", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert same(tmp_path / "shared" / "iter1" / "solver", tmp_path / "shared" / "iter1" / "challenger")
