@@ -2,7 +2,7 @@
 R-Zero (Huang et al., 2025), Algorithm 1: a Challenger learns to write problems its Solver is unsure about, the
 Solver learns from them, labelled by its own majority vote. No human data.
 
-    python train.py                                          # the toy world on a laptop CPU (~5 min)
+    python train.py                                          # the toy world on a laptop CPU (3-5 min)
     python train.py --preset qwen3-4b-base --model /path/to/Qwen3-4B-Base            # one GPU
     torchrun --nproc_per_node=8 train.py --preset qwen3-4b-base --model Qwen/Qwen3-4B-Base
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
@@ -10,50 +10,37 @@ Solver learns from them, labelled by its own majority vote. No human data.
     python train.py --challenger-steps 0 --out-dir runs/untrained-challenger   # the key ablation
     python train.py --preset qwen3-4b-base --eval-data benchmarks/   # ... ending with the paper's table
 
-The lab (sweep.py runs them over seeds): --challenger-steps 0, --no-repetition-penalty, --no-filter (the paper's
-ablations), --shared-model (one set of weights plays both roles), --validity-gate (the authors' old scorer),
---labels oracle (toy world only: the checker's answers replace the vote, the ceiling), --ttrl FILE (TTRL: no
-Challenger, the Solver step on a file's problems), --iterations 5 (a finished run goes on).
-
 Each iteration (RZERO.md, "Loop"), in the order of this file:
   1. Challenger phase: GRPO on the Challenger, rewarded by the frozen Solver's uncertainty (challenger.py).
-  2. Dataset phase: the frozen Challenger writes N problems, the frozen Solver answers each m times, the
-     majority is the pseudo-label, problems of informative difficulty are kept (solver.py).
+  2. Dataset phase: the frozen Challenger writes N problems, the frozen Solver answers each m times; the majority
+     is the pseudo-label, and problems of informative difficulty are kept (solver.py).
   3. Solver phase: GRPO on the Solver against the pseudo-labels (grpo.py).
-The concept files are pure functions of data; this file samples, decides which rank does what, and saves.
+The concept files are pure functions of data; this file samples, decides which rank does what, and saves. Each
+field of TrainConfig (the concepts' settings, each declared in the file that reads it, plus the loop's) is a flag.
+The lab's switches (sweep.py runs them over seeds): --shared-model, --labels oracle, --ttrl FILE, --validity-gate.
 
-Settings: TrainConfig is the concepts' settings (grpo.GRPOConfig, challenger.ChallengerConfig,
-solver.SolverConfig: each knob declared once, in the file that reads it) plus the loop's own, and every field is
-a flag of the same name, so a knob has one name from the command line down.
+Distributed (torchrun, runtime.py): FSDP2 shards the trained model and reference; each rank samples its share, seeded
+per item (the same samples on any number of ranks), and gathers what is batch-wide (votes, the repetition penalty).
 
-Distributed (torchrun): the model being trained is sharded with FSDP2 (`fully_shard` per block, then the root);
-a plain full copy is gathered once per rollout for sampling; each rank samples its share of prompts and what the
-method needs batch-wide (votes, the repetition penalty) is gathered (runtime.py).
+Memory (memory.py plans it; a run checks the plan first): the frozen Solver and the dataset's Challenger wait in
+CPU memory on a GPU run, moved in only to sample (`on_device`); a finished phase's models are freed (`release`).
 
-Memory (memory.py plans it, and a run checks the plan before it starts): the reference is sharded like the
-trained model; the frozen Solver and the dataset's Challenger are full replicas kept in CPU memory on a GPU run
-and moved in only while they sample (`on_device`); a finished phase's models are freed at once (`release`).
-Everything random is seeded from (seed, iteration, phase, step, item): the same samples on any number of ranks.
-
-Outputs (--out-dir): config.json, metrics.jsonl, iter{i}/{challenger,solver}/ (Hugging Face folders, float32 so
-that lr-1e-6 updates survive), iter{i}/questions.json (all N questions), iter{i}/dataset.jsonl, and state.pt
-(the phase in progress, written atomically after every step): re-running the same command resumes. The toy
-world adds base_measure.json and iter{i}/measure.json; --eval-data adds base_eval/, iter{i}/eval/ (eval.py's
-results) and benchmarks.md.
+Outputs (--out-dir): config.json, metrics.jsonl, timing.json, iter{i}/challenger/ and solver/ (Hugging Face folders,
+float32 so that lr-1e-6 updates survive), questions.json, dataset.jsonl; the toy world adds measure.json files, and
+--eval-data eval/ folders and benchmarks.md; state.pt holds the phase in progress: the same command resumes it.
 
 Departures from the paper: AdamW with fp32 master weights (bf16 compute on GPU); the authors' Solver phase
 runs 20 steps and keeps step 15, ours runs `solver_steps`; the toy preset is scaled down (see toy.py).
 """
 import argparse
-import dataclasses
 import gc
 import json
 import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -112,36 +99,34 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     def __post_init__(self):
         grpo.GRPOConfig.__post_init__(self)
         upd = (self.challenger_updates, self.solver_updates)
-        tops = (self.challenger_top_p, self.problem_top_p, self.solver_top_p)
-        rules = [
-            (0 <= self.delta <= 0.5, f"--delta must be in [0, 0.5], got {self.delta}"),
-            (self.challenger_group >= 2 and self.solver_group >= 2, "group sizes (G) must be at least 2 for GRPO"),
-            (min(self.m_answers, self.n_problems, self.iterations, self.eval_k, *upd) >= 1,
-             "--m-answers, --n-problems, --iterations, --eval-k and the --*-updates must be >= 1"),
-            (self.challenger_steps >= 0 and self.solver_steps >= 0, "step counts must be >= 0"),
-            (self.lr > 0 and self.temperature > 0, "--lr and --temperature must be > 0"),
-            (all(0 < t <= 1 for t in tops), "--challenger-top-p, --problem-top-p and --solver-top-p must be in (0, 1]"),
-            (self.reward_variant in ("paper", "code"), f"--reward-variant must be paper or code, got {self.reward_variant!r}"),
-            (self.band in ("paper", "code"), f"--band must be paper or code, got {self.band!r}"),
-            (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.labels in ("vote", "oracle"), f"--labels must be vote or oracle, got {self.labels!r}"),
-            (not (self.ttrl and self.shared_model), "--shared-model needs a Challenger, and --ttrl has none"),
-            (self.eval_limit >= 0, "--eval-limit must be >= 0"),
-            (self.challenger_prompts % (world() * max(1, upd[0])) == 0,
-             f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {world() * upd[0]}"),
-            (self.solver_problems % (world() * max(1, upd[1])) == 0,
-             f"--solver-problems must be a multiple of ranks x --solver-updates = {world() * upd[1]}"),
-        ]
-        for ok, msg in rules:
+
+        def check(ok, message):
             if not ok:
-                raise ValueError(msg)
+                raise ValueError(message)
+
+        check(0 <= self.delta <= 0.5, f"--delta must be in [0, 0.5], got {self.delta}")
+        check(self.challenger_group >= 2 and self.solver_group >= 2, "group sizes (G) must be at least 2 for GRPO")
+        check(min(self.m_answers, self.n_problems, self.iterations, self.eval_k, *upd) >= 1,
+              "--m-answers, --n-problems, --iterations, --eval-k and the --*-updates must be >= 1")
+        check(self.challenger_steps >= 0 and self.solver_steps >= 0, "step counts must be >= 0")
+        check(self.lr > 0 and self.temperature > 0, "--lr and --temperature must be > 0")
+        check(all(0 < t <= 1 for t in (self.challenger_top_p, self.problem_top_p, self.solver_top_p)),
+              "--challenger-top-p, --problem-top-p and --solver-top-p must be in (0, 1]")
+        words = dict(reward_variant=("paper", "code"), band=("paper", "code"), dtype=("auto", "float32", "bfloat16"),
+                     device=("auto", "cpu", "cuda"), labels=("vote", "oracle"))
+        for name, allowed in words.items():  # "--dtype must be auto, float32 or bfloat16, got 'x'"
+            value, listed = getattr(self, name), ", ".join(allowed[:-1]) + " or " + allowed[-1]
+            check(value in allowed, f"--{name.replace('_', '-')} must be {listed}, got {value!r}")
+        check(not (self.ttrl and self.shared_model), "--shared-model needs a Challenger, and --ttrl has none")
+        check(self.eval_limit >= 0, "--eval-limit must be >= 0")
+        check(self.challenger_prompts % (world() * upd[0]) == 0,
+              f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {world() * upd[0]}")
+        check(self.solver_problems % (world() * upd[1]) == 0,
+              f"--solver-problems must be a multiple of ranks x --solver-updates = {world() * upd[1]}")
 
 
-# The paper's settings (the TrainConfig defaults: 512 prompts x G=4 and 512 problems x G=5 per step, m=10, N=8000,
-# delta 0.25, lr 1e-6, 4096 new tokens). Updates per step: the paper's batch of 128 gives 4 for both phases; the
-# authors' scripts ran the Challenger at 16 prompts (64 sequences) per update, 32 updates per step
-# (--challenger-updates 32), with micro-batches of 2 (Challenger) and 1 (Solver): see grpo.GRPOConfig.loss_agg.
+# The paper's settings are the TrainConfig defaults; its batch of 128 gives 4 updates per step in both phases. The
+# authors' scripts ran 32 Challenger updates per step, micro-batches of 2 (the Solver's: 1): grpo.GRPOConfig.loss_agg.
 PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6,
              activation_checkpointing=True)
 PRESETS = {
@@ -157,8 +142,9 @@ PRESETS = {
     "octothinker-3b": dict(PAPER, model="OctoThinker/OctoThinker-3B-Hybrid-Base", out_dir="runs/octothinker-3b"),
     "octothinker-8b": dict(PAPER, model="OctoThinker/OctoThinker-8B-Hybrid-Base", out_dir="runs/octothinker-8b"),
 }
+# may change on resume; a finished run given more --iterations goes on
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_tokens", "activation_checkpointing",
-                     "gpu_memory_gb", "profile", "iterations", "eval_data", "eval_limit")  # may change on resume
+                     "gpu_memory_gb", "profile", "iterations", "eval_data", "eval_limit")
 
 
 def _flag_error(message):
@@ -170,7 +156,7 @@ def parse_config(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.error = _flag_error
     ap.add_argument("--preset", default="toy", help=f"one of: {', '.join(PRESETS)}")
-    for f in dataclasses.fields(TrainConfig):
+    for f in fields(TrainConfig):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         ap.add_argument("--" + f.name.replace("_", "-"), default=None, **kind)
     a = ap.parse_args(argv)
@@ -180,11 +166,14 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**PRESETS[a.preset] | flags)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def step_seed(c, it, phase, step):
     return (((c.seed * 1000 + it) * 10 + phase) * 100_000 + step) * 1_000_000  # + item index < 1e6
 
-
-# ------------------------------------------------------------------------------------------- models
 
 @dataclass
 class Run:
@@ -194,10 +183,10 @@ class Run:
     tok: object
     device: torch.device
     dtype: torch.dtype
-    seconds: dict = dataclasses.field(default_factory=dict)  # phase or "phase: kind of work" -> seconds
-    tokens: dict = dataclasses.field(default_factory=dict)  # phase -> tokens sampled
+    seconds: dict = field(default_factory=dict)  # phase or "phase: kind of work" -> seconds
+    tokens: dict = field(default_factory=dict)  # phase -> tokens sampled
     current: str = ""  # the phase running now
-    peaks: dict = dataclasses.field(default_factory=dict)  # phase -> peak tensor bytes (--profile)
+    peaks: dict = field(default_factory=dict)  # phase -> peak tensor bytes (--profile)
     solver_prompt_tokens: int = 0  # the longest Solver prompt seen (for the memory plan; 0: none yet)
 
     def path(self, *p):
@@ -206,8 +195,7 @@ class Run:
 
 @contextmanager
 def phase(run, name):
-    """A part of the loop, named as in the memory plan (memory.py): timed, and with --profile its peak of live
-    tensor bytes measured (runtime.peak_memory), for the table at the end of the run."""
+    """A part of the loop, named as in memory.py's plan: timed and, with --profile, its peak tensor bytes measured."""
     t0, outer, run.current = time.time(), run.current, name
     with peak_memory(run.device) if run.c.profile else nullcontext() as m:
         yield
@@ -227,15 +215,13 @@ def shard(run, model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        for unit in [*model.layers, model]:
+            fully_shard(unit, mp_policy=mp)
     return model
 
 
 def frozen(run, path, reference=False):
-    """A model without grads in the compute dtype. The reference is sharded like the trained model; a replica
-    for sampling is kept in CPU memory on a GPU run and moved in only while it samples (`on_device`)."""
+    """A model without grads in the compute dtype: the reference sharded, a sampling replica parked in CPU memory."""
     dev = run.device if reference or run.device.type == "cpu" else "cpu"
     model = Transformer.from_pretrained(path, dtype=run.dtype, device=dev).eval().requires_grad_(False)
     return shard(run, model) if reference else model
@@ -244,15 +230,13 @@ def frozen(run, path, reference=False):
 @contextmanager
 def on_device(run, model):
     """A parked replica on the GPU for the block; back in CPU memory after it. Nothing to move on a CPU run."""
-    if run.device.type != "cuda":
-        yield model
-        return
-    model.to(run.device)
+    gpu = run.device.type == "cuda"
     try:
-        yield model
+        yield model.to(run.device) if gpu else model
     finally:
-        model.to("cpu")
-        torch.cuda.empty_cache()
+        if gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
 
 
 def trainable(run, path):
@@ -263,38 +247,29 @@ def trainable(run, path):
 
 
 def release(run):
-    """Frees a finished phase's models now: FSDP's hooks tie a module into reference cycles, which only the
-    cycle collector frees, so without this the last phase's weights and optimizer state stay on the GPU."""
+    """Frees a finished phase's models now: FSDP's hooks tie them into reference cycles, which only gc frees."""
     gc.collect()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def full_state(model):  # every rank takes part in gathering an FSDP model's weights; rank 0 gets them, on the CPU
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def sampler(run, model):
-    """The current policy as a plain module for decoding. Under FSDP2 each weight is cast on its shard and then
-    gathered, one at a time: no full float32 copy ever exists."""
+    """The policy as a plain module to decode with: each weight cast on its shard, then gathered (no full fp32 copy)."""
     if world() == 1 and run.dtype == torch.float32:
         return model
     tied = model.config.tie_word_embeddings
     sd = {k: v.to(run.dtype) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
-    return Transformer.from_state_dict(model.config, sd, model.hf_config, device=run.device).eval().requires_grad_(False)
-
-
-def autocast(run):
-    on = run.device.type == "cuda" and run.dtype != torch.float32 and world() == 1  # FSDP2 casts by itself
-    return torch.autocast("cuda", dtype=run.dtype, enabled=on)
+    plain = Transformer.from_state_dict(model.config, sd, model.hf_config, device=run.device)
+    return plain.eval().requires_grad_(False)
 
 
 def export(run, model, name):
     """The model as a Hugging Face folder with the tokenizer, written whole or not at all."""
-    with phase(run, "saving"):
-        sd = full_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    with phase(run, "saving"):  # every rank takes part in gathering an FSDP model's weights; rank 0 gets them
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank() == 0:
             with atomic(run.path(name)) as tmp:
                 Transformer.save_pretrained(model, tmp, state_dict=sd)
@@ -315,16 +290,14 @@ def generate(run, model, prompts, n, max_new_tokens, top_p, seeds, top_k=0):
 
 
 def vote(run, model, questions, seed):
-    """The frozen Solver answers every question m times, each rank its share (question k seeded seed + k); the
-    majority is the pseudo-label (solver.vote). One Vote per question, None where the question is None."""
+    """solver.vote of the frozen Solver's m answers to each question (the k-th seeded seed + k); None for None."""
     c = run.c
     valid = [q for q in questions if q is not None]
-    mine = my_share(valid)
-    prompts = [solver.solver_prompt(run.tok, q) for q in mine]
+    prompts = [solver.solver_prompt(run.tok, q) for q in my_share(valid)]
     run.solver_prompt_tokens = max([run.solver_prompt_tokens, *map(len, prompts)])
     with on_device(run, model):
-        outs = generate(run, model, prompts, c.m_answers,
-                        c.answer_max_new_tokens, top_p=1.0, top_k=c.vote_top_k, seeds=[seed + k for k in share(len(valid))])
+        outs = generate(run, model, prompts, c.m_answers, c.answer_max_new_tokens, top_p=1.0, top_k=c.vote_top_k,
+                        seeds=[seed + k for k in share(len(valid))])
     votes = iter(gather([solver.vote([x.text for x in row], c) for row in outs]))
     return [None if q is None else next(votes) for q in questions]
 
@@ -333,15 +306,14 @@ def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates
     """GRPO on this rank's rollouts: assemble the batch, then the step's optimizer updates (grpo.py)."""
     pad = run.tok.pad_token_id if run.tok.pad_token_id is not None else sample.eos_ids_of(run.tok)[0]
     rollout, zero = grpo.assemble(prompts, [x.tokens for x in completions], rewards, group, pad, run.c, run.device)
-    with autocast(run):
+    cast = run.device.type == "cuda" and run.dtype != torch.float32 and world() == 1  # FSDP2 casts by itself
+    with torch.autocast("cuda", dtype=run.dtype, enabled=cast):
         stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)
     spent(run, f"{run.current}: log-prob passes", stats.pop("logprob_pass_s"))
     spent(run, f"{run.current}: GRPO updates", stats.pop("grpo_update_s"))
     lens = [len(x.tokens) for x in completions]
     return stats | dict(zero_var_groups=zero / (len(rewards) // group), mean_len=sum(lens) / len(lens)), sum(lens)
 
-
-# ------------------------------------------------------------------------------------------- checkpoints
 
 def save_state(run, model, opt, meta):
     """state.pt: the phase in progress after a completed step. Atomic: a crash leaves the previous one."""
@@ -359,10 +331,9 @@ def load_state(run, model, opt, it, phase):
     """Returns the next step to run: 0, or one past the step saved in state.pt for this (iteration, phase)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    if not os.path.isfile(run.path("state.pt")):
-        return 0
-    st = torch.load(run.path("state.pt"), map_location="cpu", weights_only=False)
-    if (st["meta"]["iteration"], st["meta"]["phase"]) != (it, phase):
+    path = run.path("state.pt")
+    st = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    if st is None or (st["meta"]["iteration"], st["meta"]["phase"]) != (it, phase):
         return 0
     set_state_dict(model, opt, model_state_dict=st["model"], optim_state_dict=st["optim"],
                    options=StateDictOptions(full_state_dict=True))
@@ -375,14 +346,9 @@ def log(run, row):
     append_row(run.path("metrics.jsonl"), row, key=lambda r: (r["iteration"], r["phase"], r.get("step")))
 
 
-def histogram(ps, bins=10):
-    h = [0] * (bins + 1)
-    for p in ps:
-        h[min(bins, int(p * bins + 1e-9))] += 1
-    return h
+def histogram(ps, bins=10):  # bin k holds p in [k/bins, (k+1)/bins); the last, p = 1
+    return [sum(min(bins, int(p * bins + 1e-9)) == k for p in ps) for k in range(bins + 1)]
 
-
-# ------------------------------------------------------------------------------------------- the three phases
 
 def challenger_phase(run, it, prev_challenger, solver_path):
     c, G = run.c, run.c.challenger_group
@@ -413,7 +379,8 @@ def challenger_phase(run, it, prev_challenger, solver_path):
         ps = [s["p"] for s in stats if s["p"] is not None]
         row = dict(iteration=it, phase="challenger", step=step, reward=sum(rewards) / len(rewards),
                    valid_format=sum(s["valid_format"] for s in stats) / len(stats), p_hist=histogram(ps),
-                   mean_p=sum(ps) / max(1, len(ps)), gated=sum(s["gated"] for s in stats) / len(stats), sample_s=t1 - t0, reward_s=t2 - t1, update_s=time.time() - t2,
+                   mean_p=sum(ps) / max(1, len(ps)), gated=sum(s["gated"] for s in stats) / len(stats),
+                   sample_s=t1 - t0, reward_s=t2 - t1, update_s=time.time() - t2,
                    tokens_per_s=tokens / max(1e-9, t1 - t0), **upd)
         save_state(run, model, opt, dict(iteration=it, phase="challenger", step=step))
         log(run, row)  # after the checkpoint: a logged step is a saved step
@@ -423,8 +390,7 @@ def challenger_phase(run, it, prev_challenger, solver_path):
 
 
 def problems_file(path):
-    """The problems of a JSON Lines file (its problem or question field, as eval.py reads benchmarks); any
-    answer field is never read."""
+    """The problems of a JSON Lines file: its problem or question field, as eval.py reads them; never an answer."""
     import eval
     out = []
     for i, r in enumerate(eval.read_jsonl(path), 1):
@@ -440,8 +406,7 @@ class NothingToTrain(Exception):
 
 
 def dataset_phase(run, it, challenger_path, solver_path):
-    """The frozen Challenger writes N problems; the frozen Solver labels them by majority vote; the filter keeps
-    those of informative difficulty."""
+    """The frozen Challenger writes N problems, the frozen Solver's vote labels them, the informative ones are kept."""
     c, out = run.c, run.path(f"iter{it}", "dataset.jsonl")
     if os.path.isfile(out):
         with open(out) as f:
@@ -450,18 +415,17 @@ def dataset_phase(run, it, challenger_path, solver_path):
     if c.ttrl:  # TTRL: the same problems every iteration, from a file
         questions = problems_file(c.ttrl)
     else:
-        mine = share(c.n_problems)  # one prompt object repeated: one prefill for all
+        mine, prompt = share(c.n_problems), challenger.challenger_prompt(run.tok)  # one prompt object: one prefill
         with phase(run, "dataset"), on_device(run, frozen(run, challenger_path)) as writer:
-            outs = generate(run, writer, [challenger.challenger_prompt(run.tok)] * len(mine), 1, c.challenger_max_new_tokens,
-                            c.problem_top_p, seeds=[step_seed(c, it, 4, 0) + k for k in mine])
+            outs = generate(run, writer, [prompt] * len(mine), 1, c.challenger_max_new_tokens, c.problem_top_p,
+                            seeds=[step_seed(c, it, 4, 0) + k for k in mine])
         questions = gather([challenger.parse_question(row[0].text) for row in outs])
     with phase(run, "dataset"):
         votes = vote(run, frozen(run, solver_path), questions, seed=step_seed(c, it, 5, 0))
     records, counts = solver.build_dataset(questions, votes, c)
     if c.labels == "oracle":  # the lab's ceiling: the same kept problems, labelled by the checker, not the vote
         records = toy_world(run).oracle_labels(records)
-        counts["no_truth"] = counts["kept"] - len(records)
-        counts["kept"] = len(records)
+        counts["no_truth"], counts["kept"] = counts["kept"] - len(records), len(records)
     log(run, dict(iteration=it, phase="dataset", **counts, p_hist=histogram([r["p"] for r in records]),
                   seconds=time.time() - t0))
     print0(f"iter {it} dataset: kept {counts['kept']} of {counts['generated']} problems {counts}")
@@ -509,16 +473,13 @@ def solver_phase(run, it, prev_solver, records):
                    update_s=time.time() - t1, tokens_per_s=tokens / max(1e-9, t1 - t0), **upd)
         save_state(run, model, opt, dict(iteration=it, phase="solver", step=step))
         log(run, row)
-        print0(f"iter {it} solver step {step + 1}/{c.solver_steps}: reward {row['reward']:.3f}, {time.time() - t0:.1f}s")
+        print0(f"iter {it} solver step {step + 1}/{c.solver_steps}: reward {row['reward']:.3f}, "
+               f"{time.time() - t0:.1f}s")
     export(run, model, f"iter{it}/solver")
 
 
-# ------------------------------------------------------------------------------------------- the loop
-
 def toy_world(run):
-    """The one seam to a world that knows the answers: the toy world's checker measures the base and each
-    iteration from what the run wrote (the Solver, questions.json, dataset.jsonl), and labels problems under
-    --labels oracle only. Real models have none."""
+    """The seam to a world that knows the answers (toy.py: its checker measures, and labels), or None."""
     if os.path.isfile(os.path.join(run.base, "toy.json")):
         import toy
         return toy
@@ -534,22 +495,18 @@ def measure(run, name, solver_path):
     kept = os.path.join(run.base, "measure-" + "-".join(str(x).removeprefix("torch.") for x in key) + ".json")
     if not os.path.isfile(out) and rank() == 0:
         if name == "base" and os.path.isfile(kept):
-            with open(kept) as f:
-                res = json.load(f)
+            res = read_json(kept)
         else:
             with phase(run, "held-out measuring"):
                 res = toy.measure(solver_path, None if name == "base" else run.path(name), run.c.eval_problems,
                                   run.c.eval_k, run.c.solver_max_new_tokens, run.device, run.dtype)
-            if name == "base":
-                try:  # runs of a sweep may write it at once: each through a temporary file of its own
+            if name == "base":  # runs of a sweep may write it at once: each through a temporary file of its own
+                with suppress(OSError):  # a read-only model folder: measured again next time
                     write_text(f"{kept}.{os.getpid()}", json.dumps(res))
                     os.replace(f"{kept}.{os.getpid()}", kept)
-                except OSError:
-                    pass  # a read-only model folder: measured again next time
         write_text(out, json.dumps(res))
     barrier()
-    with open(out) as f:
-        return json.load(f)
+    return read_json(out)
 
 
 def rzero(run):
@@ -587,26 +544,23 @@ def rzero(run):
 
 
 def benchmarks(run, name, solver_path):
-    """--eval-data: eval.py's greedy pass@1 of the base or an iteration's Solver on the benchmark files (every
-    rank answers its share), once: kept in the run folder (NAME/eval/results.json). None without --eval-data."""
-    if not run.c.eval_data:
+    """eval.py's greedy pass@1 of the base or an iteration's Solver on --eval-data, once (kept in the run folder)."""
+    c = run.c
+    if not c.eval_data:
         return None
     import eval
     out = run.path("base_eval") if name == "base" else run.path(name, "eval")
     done = os.path.join(out, "results.json")
-    if os.path.isfile(done):
-        with open(done) as f:
-            asked = json.load(f)["config"]
-    if not os.path.isfile(done) or (asked["data"], asked["limit"]) != ([run.c.eval_data], run.c.eval_limit):
-        cfg = eval.EvalConfig(model=[solver_path], data=[run.c.eval_data], out=out, limit=run.c.eval_limit,
-                              max_new_tokens=run.c.solver_max_new_tokens, general_max_new_tokens=2 * run.c.solver_max_new_tokens,
-                              device=run.c.device, dtype=run.c.dtype, memory_budget_gb=run.c.memory_budget_gb)
+    asked = read_json(done)["config"] if os.path.isfile(done) else None
+    if asked is None or (asked["data"], asked["limit"]) != ([c.eval_data], c.eval_limit):
+        cfg = eval.EvalConfig(model=[solver_path], data=[c.eval_data], out=out, limit=c.eval_limit, device=c.device,
+                              dtype=c.dtype, general_max_new_tokens=2 * c.solver_max_new_tokens,
+                              max_new_tokens=c.solver_max_new_tokens, memory_budget_gb=c.memory_budget_gb)
         with phase(run, "benchmarks"):
             eval.run(cfg)
         release(run)
     barrier()
-    with open(os.path.join(out, "results.json")) as f:
-        (res,) = json.load(f)["results"].values()
+    (res,) = read_json(done)["results"].values()
     return res
 
 
@@ -638,34 +592,30 @@ def time_table(run, total):
 
 def iteration_row(run, it):
     """The loop's own numbers of an iteration, read back from metrics.jsonl (so resumed runs have them)."""
-    row = {}
     with open(run.path("metrics.jsonl")) as f:
-        for m in map(json.loads, f):
-            if m["iteration"] == it and m["phase"] == "challenger":
-                row["reward"] = m["reward"]  # the last step's
-            if m["iteration"] == it and m["phase"] == "dataset":
-                row["kept"] = f"{m['kept']}/{m['generated']}"
-    return row
+        last = {m["phase"]: m for m in map(json.loads, f) if m["iteration"] == it}  # each phase's last row
+    ch, ds = last.get("challenger", {}), last.get("dataset")  # the Challenger's last step; the one dataset row
+    return dict(reward=ch.get("reward"), kept=f"{ds['kept']}/{ds['generated']}" if ds else None)
 
 
-def summary(rows, cols):
-    """cols: (title, width, key, format) per column."""
+def summary(rows, cols):  # cols: (title, width, key, format) per column
     print0("\n" + "=" * 96)
     print0(f"{'':10}" + "".join(f"{title:>{w}}" for title, w, _, _ in cols))
     for name, r in rows:
-        print0(f"{name:10}" + "".join(f"{fmt.format(r[k]) if r.get(k) is not None else '-':>{w}}" for _, w, k, fmt in cols))
+        print0(f"{name:10}" + "".join(f"{fmt.format(r[k]) if r.get(k) is not None else '-':>{w}}"
+                                      for _, w, k, fmt in cols))
     print0("=" * 96)
 
 
 def main(argv=None):
     init_distributed()
+    code = 0
     try:
         try:
             argv = sys.argv[1:] if argv is None else list(argv)
             if "--plan" in argv:  # print the memory plan (memory.py) and stop
                 pc, shape, rest = memory.parse_args([a for a in argv if a != "--plan"])
-                memory.main(parse_config(rest), pc, shape)
-                return
+                return memory.main(parse_config(rest), pc, shape)
             c = parse_config(argv)
             base = resolve_model(c.model)
             check_folder(base)
@@ -696,12 +646,9 @@ def main(argv=None):
     except BaseException:
         if world() == 1:
             raise
-        # a rank that dies must take the job down: exiting at once lets torchrun stop the ranks that wait in
-        # a collective, where a normal interpreter exit could hang on the process group
+        # a dying rank exits at once, so torchrun stops the ranks waiting in a collective (a normal exit can hang)
         traceback.print_exc()
         code = 1
-    else:
-        code = 0
     if world() > 1:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(code)
