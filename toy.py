@@ -168,32 +168,33 @@ def sample_problem(level: int, rng: random.Random) -> str:
     return render([[rng.randint(lo, hi) for lo, hi in term] for term in LEVELS[level]])
 
 
-def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> list[str]:
-    """n distinct held-out problems, an equal share from each level (measurement only)."""
+def distinct_problems(n: int, seed: int, keep) -> list[str]:
+    """n distinct problems for which keep(problem) holds, an equal share from each level (measurement only)."""
     rng, out, seen = random.Random(seed), [], set()
     for i in range(n):
         level = list(LEVELS)[i % len(LEVELS)]
         for _ in range(100_000):
             p = sample_problem(level, rng)
-            if is_heldout(p, mod) and p not in seen:
+            if keep(p) and p not in seen:
                 break
         else:
-            raise ValueError(f"level {level} has too few held-out problems for n={n}")
+            raise ValueError(f"level {level} has too few such problems for n={n}")
         seen.add(p)
         out.append(p)
     return out
+
+
+def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> list[str]:
+    """n distinct held-out problems, an equal share from each level (measurement only)."""
+    return distinct_problems(n, seed, lambda p: is_heldout(p, mod))
 
 
 def write_problems(path: str, n: int = 272, seed: int = 99) -> None:
     """n distinct problems, not held out, an equal share per level, as JSON Lines {"problem": ...}: for --ttrl."""
     from runtime import write_text
 
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        p = sample_problem(list(LEVELS)[len(out) % len(LEVELS)], rng)
-        if not is_heldout(p) and p not in out:
-            out.append(p)
-    write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in out))
+    problems = distinct_problems(n, seed, lambda p: not is_heldout(p))
+    write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in problems))
 
 
 def build_tokenizer():
