@@ -104,6 +104,11 @@ def write_text(path, text):
         f.write(text)
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def open_run_folder(out_dir, settings: dict, may_differ=()):
     """New: write config.json and an empty metrics.jsonl. Existing (a resume): same settings but for `may_differ`."""
     cfg_file = os.path.join(out_dir, "config.json")

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from runtime import write_text
+from runtime import read_json, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name -> train.py flags: one switch each, the rest the preset's
@@ -71,21 +71,16 @@ def runs_of(a, extra):
     return out
 
 
-def load(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def results_of(folder):
     """base and per-iteration numbers of one run folder: what train.py's held-out measuring wrote."""
-    res = {"base": load(p)} if os.path.isfile(p := os.path.join(folder, "base_measure.json")) else {}
+    res = {"base": read_json(p)} if os.path.isfile(p := os.path.join(folder, "base_measure.json")) else {}
     kept = {}
     if os.path.isfile(m := os.path.join(folder, "metrics.jsonl")):
         with open(m) as f:
             kept = {r["iteration"]: r["kept"] for r in map(json.loads, f) if r["phase"] == "dataset"}
     it = 1
     while os.path.isfile(p := os.path.join(folder, f"iter{it}", "measure.json")):
-        res[it] = load(p) | dict(kept=kept.get(it))
+        res[it] = read_json(p) | dict(kept=kept.get(it))
         it += 1
     return res
 
@@ -132,7 +127,7 @@ def run_all(todo, jobs):
                 arm, seed, folder, log, t0 = running.pop(p)
                 log.close()
                 spent = os.path.join(folder, "sweep_seconds.json")  # wall seconds over every attempt
-                write_text(spent, json.dumps(time.time() - t0 + (load(spent) if os.path.isfile(spent) else 0.0)))
+                write_text(spent, json.dumps(time.time() - t0 + (read_json(spent) if os.path.isfile(spent) else 0.0)))
                 ran_dry = p.returncode == 2 and stopped(folder)
                 status = ("done" if p.returncode == 0 else f"stopped: {ran_dry} kept no problem" if ran_dry else
                           f"FAILED (exit {p.returncode}, see {folder}/log.txt)")
@@ -160,7 +155,7 @@ def summarise(a, runs):
         res = results_of(folder)
         base = base or res.get("base")
         if os.path.isfile(s := os.path.join(folder, "sweep_seconds.json")):
-            seconds += load(s)
+            seconds += read_json(s)
         for it, r in res.items():
             if it != "base":
                 kept = int(r["kept"]) if r.get("kept") is not None else None

@@ -51,7 +51,7 @@ import sample
 import solver
 from model import Transformer, check_folder
 from runtime import (append_row, atomic, barrier, device_and_dtype, gather, init_distributed, my_share,
-                     open_run_folder, peak_memory, print0, rank, resolve_model, share, world, write_text)
+                     open_run_folder, peak_memory, print0, rank, read_json, resolve_model, share, world, write_text)
 
 
 @dataclass
@@ -164,11 +164,6 @@ def parse_config(argv=None) -> TrainConfig:
         raise ValueError(f"unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
     flags = {k: v for k, v in vars(a).items() if v is not None and k != "preset"}
     return TrainConfig(**PRESETS[a.preset] | flags)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def step_seed(c, it, phase, step):
@@ -369,7 +364,7 @@ def challenger_phase(run, it, prev_challenger, solver_path):
         questions = [challenger.parse_question(t) for t in texts]
         with phase(run, "Challenger voting"):
             votes = vote(run, frozen_solver, questions, seed=step_seed(c, it, 2, step))
-        own = [challenger.parse_challenger_answer(t) for t in texts]  # read by --validity-gate only
+        own = [challenger.parse_challenger_answer(t) for t in texts] if c.validity_gate else None
         rewards, stats = challenger.challenger_rewards(questions, votes, c, own)
         t2 = time.time()
         comps = [x for row in outs for x in row]
