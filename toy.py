@@ -8,14 +8,18 @@ ordinary Hugging Face folder (model_type qwen3) and loads like Qwen3-4B-Base.
 Why this world: the Solver step only sharpens a model toward its own majority vote, so the base Solver must gain from
 voting (maj@k well above mean@k) with a mostly right majority: long worked chains, where one slip at temperature 1
 ruins a sample and the vote recovers the answer. 4 levels give the Challenger a range to aim in; its documents are
-mostly easy (8:4:2:1, as in real text; the Solver's are even), so the base Challenger, like a real base model, writes
+mostly easy (32:8:2:1, as in real text; the Solver's are even), so the base Challenger, like a real base model, writes
 problems its Solver is sure of, and Challenger training has something to learn: aim where the Solver is unsure.
 
 Measured, not guessed: with Challenger documents spread like the Solver's, the trained Challenger drifted past the
-pretraining range (README); documents are packed into rows (batches grouped by length learned several times slower);
-chains copy only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 3 layers and 800 steps
-build in 2.8 min on 2 cores, base greedy / mean@4 / maj@4 80 / 64 / 74% (4 layers and 900 steps: 3.9 min for 85 / 67 /
-78%; 700 steps are too few: the loss falls steeply between 500 and 800).
+pretraining range; at 8:4:2:1 an untrained Challenger's in-band questions already spanned every level and it did
+nearly as well as a trained one (0.7-1.5 points below over 3 seeds); at 32:8:2:1 its in-band questions are mostly
+2-digit products the Solver gets wrong in a repeated way (labels ~50% right), and training on them makes the Solver
+worse, so the Challenger's aim decides the run (README, "The lab"). Documents are packed into rows (batches grouped
+by length learned several times slower); chains copy only nearby numbers (a far copy late in a long chain stayed at
+0% after 900 steps); 3 layers and 800 steps build in 1.6-2.8 min on 2 cores, base greedy / mean@4 / maj@4 78-80 /
+60-64 / 69-74% by machine (4 layers and 900 steps: 3.9 min for 85 / 67 / 78%; 700 steps are too few: the loss falls
+steeply between 500 and 800).
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
 training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.
@@ -64,7 +68,7 @@ class ToyConfig:
     warmup: int = 50
     challenger_frac: float = 0.15   # share of Challenger documents; the rest are Solver documents
     levels: tuple = (1, 1, 1, 1)    # sampling weight of each level in Solver documents
-    challenger_levels: tuple = (8, 4, 2, 1)  # ... and in Challenger documents: mostly easy (see the docstring)
+    challenger_levels: tuple = (32, 8, 2, 1)  # ... and in Challenger documents: mostly easy (see the docstring)
 
 
 def render(terms: list[list[int]]) -> str:
