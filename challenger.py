@@ -10,22 +10,18 @@ ranks first, because the repetition penalty is a batch-level quantity) and the f
     r_i     = max(0, r_unc - r_rep)                       0 when no <question>...</question> can be parsed
 
 Choices where the paper is silent (the authors' code was read for each):
-- BLEU is not symmetric (its precisions and brevity penalty are taken from the hypothesis' side). The code scores
-  each pair once with the lower batch index as hypothesis and mirrors it, so the distance depends on arbitrary
-  batch order; the default here averages both directions, the "code" variant keeps the code's order.
-- The code clusters with sklearn's AgglomerativeClustering(distance_threshold=0.5), which merges only while the
-  average linkage distance is < 0.5, as `average_linkage_clusters` does (scipy's fcluster(t=0.5) merges at 0.5).
-- B counts every completion in the batch: bad-format ones get no cluster but stay in the denominator, as in
-  the code (where their empty question formed a singleton cluster).
+- BLEU is not symmetric. The code scores each pair once, the lower batch index as hypothesis, so the distance
+  depends on batch order; here both directions are averaged ("code" variant: the code's order).
+- Clusters merge only while the average linkage distance is < 0.5, as the code's sklearn
+  AgglomerativeClustering(distance_threshold=0.5) does (scipy's fcluster(t=0.5) merges at 0.5).
+- B counts every completion: bad-format ones get no cluster but stay in the denominator, as in the code.
 
-`reward_variant="code"` reproduces the authors' code instead of the paper: r = min(p, 1-p) - r_rep (half scale, no
-clip at 0), -1 for a bad format (the code's -1 - 1/B, less its empty question's singleton penalty); with
-solver.SolverConfig.band="code" a missing \\boxed{} votes "None". Its known fault (scoring only when the Solver's
-majority equals the last character of the Challenger's own answer) is not reproduced.
-
+`reward_variant="code"` is the authors' code: r = min(p, 1-p) - r_rep (half scale, no clip at 0), -1 for a bad
+format; with solver.SolverConfig.band="code" a missing \\boxed{} votes "None". Its known fault (scoring only when
+the Solver's majority equals the last character of the Challenger's own answer) is not reproduced.
 `validity_gate=True` (the lab's switch) is what that scorer meant, the authors' until December 2025: a question scores
-as if the Solver were unanimous (p = 0: reward 0, or -r_rep in the code variant) unless the Solver's majority is
-equivalent to the Challenger's own boxed answer and more than 1 in 10 answers agree. Off, that answer is never read.
+as if the Solver were unanimous (p = 0) unless the Solver's majority is equivalent to the Challenger's own boxed
+answer and more than 1 in 10 answers agree. Off, that answer is never read.
 """
 import math
 from collections import Counter
@@ -36,7 +32,7 @@ import numpy as np
 import grader
 import sample
 
-# The authors' prompt, verbatim (RZERO.md; their verl/utils/dataset.py, "questioner_format"): it decides what
+# The authors' prompt, verbatim (their code's verl/utils/dataset.py, "questioner_format"): it decides what
 # the base Challenger writes, so it decides every result, the untrained-Challenger baseline included.
 CHALLENGER_SYSTEM = (
     "You are an expert competition-math problem setter.\n"
@@ -63,10 +59,11 @@ def challenger_prompt(tokenizer) -> list[int]:
 
 @dataclass
 class ChallengerConfig:
-    reward_variant: str = "paper"  # "paper" max(0, r_unc - r_rep) | "code" min(p, 1 - p) - r_rep, -1 for a bad format
-    repetition_penalty: bool = True  # False = the paper's "without repetition penalty" ablation
-    penalty_weight: float = 1.0  # lambda
-    cluster_cut: float = 0.5  # average-linkage clusters are cut at this BLEU distance
+    """the Challenger's reward (challenger.py)"""
+    reward_variant: str = "paper"  # paper: max(0, r_unc - r_rep) | code: min(p, 1 - p) - r_rep, -1 for a bad format
+    repetition_penalty: bool = True  # the penalty for questions alike (off: the paper's ablation)
+    penalty_weight: float = 1.0  # lambda: r_rep = lambda |cluster| / batch
+    cluster_cut: float = 0.5  # average-linkage clusters of BLEU distance are cut at this distance
     validity_gate: bool = False  # score only questions whose Solver majority equals the Challenger's own answer
 
 

@@ -9,26 +9,21 @@ Rows are models; columns are benchmarks, MATH AVG and, if any, GENERAL AVG (MMLU
 MATH AVG). --out gets results.md, results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses,
 answers, reference, correctness), through temporary files once all is evaluated: a failed run overwrites nothing.
 
-Protocol (RZERO.md, "Evaluation"; the authors' evaluation/*.py). Math: the Solver prompt (solver.solver_prompt;
-"Question: ...\nAnswer:" text with --raw-prompt), up to 4096 new tokens, greedy pass@1 or, with --k K, mean@K over
-K sampled responses (the paper: AMC, AIME mean@32, the rest greedy: --k-only), graded by grader.is_equiv. General:
-the authors' user turn alone through the chat template ("user: ..." text without one or with --raw-prompt), up to
-8192 new tokens, greedy. Multiple choice: question + "\nOptions are:\n(A): ...\n\n\n" + CHOICE_INSTRUCTION ("the
-letter" for SuperGPQA), graded on the letter in the last \boxed{}. BBEH: question + "\n\n" + REASON, as eval_bbeh.py.
+Protocol (README, "The method"; the authors' evaluation/*.py). Math: the Solver prompt ("Question: ...\nAnswer:"
+text with --raw-prompt), greedy pass@1 or, with --k K, mean@K over K sampled responses (--k-only: the benchmarks
+that use it), graded by grader.is_equiv. General: the authors' user turn alone through the chat template, up to
+8192 new tokens, greedy. Multiple choice: question + "\nOptions are:\n(A): ...\n\n\n" + CHOICE_INSTRUCTION,
+graded on the letter in the last \boxed{}. BBEH: question + "\n\n" + REASON, matched as eval_bbeh.py does.
 
 Benchmarks: JSON Lines files (a folder: its *.jsonl; name: the file's less .test.jsonl) or `toy`, the toy world's
-held-out problems. The first row sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, as in
-MrLight/bbeh-eval, or "bbeh" in the name) or "math". Fields (or --question-field, --answer-field): problem |
-question; math: answer (AMC23's 27.0, GSM8K's `#### 18`) | final_answer (OlympiadBench's parts, joined) | the last
-\boxed{} of solution (Minerva); choice: answer_letter | answer_index | answer (a letter or the option's text).
+held-out problems. The first row sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, or "bbeh"
+in the name) or "math". Fields (or --question-field, --answer-field): problem | question; math: answer (AMC23's
+27.0, GSM8K's `#### 18`) | final_answer (OlympiadBench's parts, joined) | the last \boxed{} of solution (Minerva);
+choice: answer_letter | answer_index | answer (a letter or the option's text).
 
-Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended settings;
-their "mean@32" repeated greedy decoding); no LLM judge re-checks math answers; the choice letter is the box's own
-(theirs: the first of A-J in it, so \boxed{Because} is B) and a response without one is wrong (theirs: a random
-letter); with no chat template the prompt is the same turn as text (their text said "the letter" for MMLU-Pro, and
-gave BBEH the multiple-choice sentence); a BBEH "The answer is:" line may end the response.
+Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended settings);
+no LLM judge; a choice letter must be the box's own, and a response without one is wrong (theirs: a random letter).
 """
-import argparse
 import glob
 import json
 import os
@@ -41,35 +36,39 @@ import torch.distributed as dist
 import grader
 import sample
 import solver
+import toy
 from model import Transformer, check_folder
-from runtime import device_and_dtype, gather, init_distributed, print0, rank, resolve_model, share, write_text
+from runtime import (device_and_dtype, gather, init_distributed, parse_settings, print0, rank, resolve_model, share,
+                     write_text)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REASON = "Please reason step by step, and put your final answer option within \\boxed{}."  # the authors' words
 CHOICE_INSTRUCTION = REASON + (" Only put the option letter in the box, e.g. \\boxed{A}."
                                " There is only one correct answer.")
 RAW_STOP = "\nQuestion:"  # a base model on a raw prompt goes on to invent the next question
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class EvalConfig:
-    model: list = field(default_factory=list)  # checkpoint folders, or "toy"
-    data: list = field(default_factory=list)  # JSON Lines files, folders of them, or "toy"
-    out: str = "eval_out"
+    """the evaluation"""
+    model: list = field(default_factory=list)  # checkpoint folders, or toy (the toy world): one row each
+    data: list = field(default_factory=list)  # JSON Lines files, folders of them, or toy (its held-out problems)
+    out: str = "eval_out"  # results.md, results.json and every response
     k: int = 1  # 1 = greedy pass@1; K > 1 = mean@K over K sampled responses
-    k_only: list | None = None  # name substrings of the benchmarks that use --k (the rest greedy); None = all
-    temperature: float = 0.6  # used when k > 1
-    top_p: float = 0.95
-    max_new_tokens: int = 4096  # math
-    general_max_new_tokens: int = 8192  # multiple choice and BBEH, as the authors
+    k_only: list | None = None  # name substrings of the benchmarks that use --k (the rest greedy); none: all
+    temperature: float = 0.6  # of the K samples (Qwen3's recommended setting)
+    top_p: float = 0.95  # of the K samples
+    max_new_tokens: int = 4096  # token budget of a math answer
+    general_max_new_tokens: int = 8192  # ... of a multiple-choice or BBEH answer, as the authors
     raw_prompt: bool = False  # "Question: ...\nAnswer:" for base models without a chat template
-    question_field: str | None = None
-    answer_field: str | None = None
-    limit: int = 0  # first N problems of each benchmark (0 = all; toy: 512)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    memory_budget_gb: float = 8.0  # KV cache a sampling call may allocate
+    question_field: str | None = None  # the question's field, where it is neither problem nor question
+    answer_field: str | None = None  # the reference answer's field, where the usual ones are absent
+    limit: int = 0  # the first N problems of each benchmark (0 = all; toy: 512)
+    seed: int = 0  # of the sampled responses
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    memory_budget_gb: float = 8.0  # KV-cache pages a sampling call may allocate
 
 
 @dataclass
@@ -124,7 +123,6 @@ def choice_reference(value, options):
 
 def load_benchmark(path, cfg: EvalConfig) -> Benchmark:
     if path == "toy":
-        import toy
         problems = toy.heldout_problems(cfg.limit or 512)
         return Benchmark("toy", "math", problems, [str(toy.solve(p)) for p in problems])
     rows = read_jsonl(path)[: cfg.limit or None]
@@ -153,6 +151,17 @@ def load_benchmark(path, cfg: EvalConfig) -> Benchmark:
         bench.questions.append(q)
         bench.references.append(ref)
     return bench
+
+
+def read_problems(path):
+    """The problems of a JSON Lines file (its problem or question field), never an answer: train.py --ttrl."""
+    out = []
+    for i, r in enumerate(read_jsonl(path), 1):
+        q = r[pick(r, ("problem", "question"), None, "question", f"{path} line {i}")]
+        if not isinstance(q, str) or "options" in r or "choices" in r:
+            raise ValueError(f"{path} line {i}: --ttrl takes free-answer problems (a text problem, no options)")
+        out.append(q.strip())
+    return out
 
 
 def benchmark_paths(data):
@@ -265,30 +274,11 @@ def table(results, benches, cfg, cell, avgs=()):
 
 
 def parse_config(argv=None) -> EvalConfig:
-    d = EvalConfig()
-    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    ap.add_argument("--model", action="extend", nargs="+", required=True, help="checkpoint folder(s), or toy")
-    ap.add_argument("--data", action="extend", nargs="+", required=True, help="JSONL file(s), folder(s), or toy")
-    ap.add_argument("--out", default=d.out)
-    ap.add_argument("--k", type=int, default=d.k, help="1 = greedy pass@1, K > 1 = mean@K (sampled)")
-    ap.add_argument("--k-only", nargs="+", help="only benchmarks whose name contains one of these use --k")
-    ap.add_argument("--temperature", type=float, default=d.temperature, help="for k > 1")
-    ap.add_argument("--top-p", type=float, default=d.top_p, help="for k > 1")
-    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="math benchmarks")
-    ap.add_argument("--general-max-new-tokens", type=int, default=d.general_max_new_tokens, help="choice, BBEH")
-    ap.add_argument("--raw-prompt", action="store_true", help="'Question: ...' text instead of the chat template")
-    ap.add_argument("--question-field")
-    ap.add_argument("--answer-field")
-    ap.add_argument("--limit", type=int, default=d.limit, help="the first N problems of each benchmark")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--memory-budget-gb", type=float, default=d.memory_budget_gb)
-    cfg = EvalConfig(**vars(ap.parse_args(argv)))
-    if min(cfg.k, cfg.max_new_tokens, cfg.general_max_new_tokens) < 1 or cfg.limit < 0 or cfg.temperature <= 0 \
-            or not 0 < cfg.top_p <= 1:
-        raise ValueError("need --k, --max-new-tokens, --general-max-new-tokens >= 1, --limit >= 0, --temperature > 0,"
-                         " 0 < --top-p <= 1")
+    cfg = parse_settings(EvalConfig, argv, description=__doc__.strip().split("\n\n")[0])
+    if not cfg.model or not cfg.data or min(cfg.k, cfg.max_new_tokens, cfg.general_max_new_tokens) < 1 \
+            or cfg.limit < 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.dtype not in DTYPES:
+        raise ValueError("need --model and --data, --k, --max-new-tokens, --general-max-new-tokens >= 1, --limit >= 0,"
+                         f" --temperature > 0, 0 < --top-p <= 1, --dtype one of {', '.join(DTYPES)}")
     return cfg
 
 
@@ -307,7 +297,7 @@ def run(cfg: EvalConfig):
     benches = [load_benchmark(p, cfg) for p in benchmark_paths(cfg.data)]  # every input is checked before any work
     if len({b.name for b in benches}) < len(benches):
         raise ValueError("two benchmarks have the same name: " + ", ".join(b.name for b in benches))
-    paths, names = [resolve_model(m) for m in cfg.model], model_names(cfg.model)
+    paths, names = [toy.toy_path() if m == "toy" else resolve_model(m) for m in cfg.model], model_names(cfg.model)
     for p in paths:
         check_folder(p)
     try:

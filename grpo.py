@@ -43,24 +43,25 @@ LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "constant")
 
 @dataclass
 class GRPOConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9               # AdamW betas
-    beta2: float = 0.999
-    clip_low: float = 0.2            # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.3
-    dual_clip: float = 3.0           # cap of -A * ratio for A < 0; 0 = off
-    kl_coef: float = 0.01
-    kl_clamp: float = 10.0
-    # "token_mean" | "seq_mean_token_mean" | "constant". The authors' Solver ran micro-batch 1 with a token mean per
-    # micro-batch, so its update was in effect "seq_mean_token_mean" (their Challenger: micro-batch 2, in between)
-    loss_agg: str = "token_mean"
-    max_len_norm: int = 4096         # the constant of loss_agg="constant" (the max response length)
-    grad_clip: float = 1.0
-    micro_batch: int = 8             # sequences per forward/backward
-    temperature: float = 1.0         # of every rollout and vote: log-probs are of logits / T, the sampler's own
-    logprob_chunk: int = 1024        # tokens per lm_head + log_softmax chunk
-    scale_adv_by_std: bool = True    # False: Dr. GRPO advantages r - mean
+    """GRPO, in both phases (grpo.py)"""
+    lr: float = 1e-6  # AdamW learning rate, constant
+    weight_decay: float = 0.01  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    clip_low: float = 0.2  # PPO clip: the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.3  # ... the upper side ("clip-higher")
+    dual_clip: float = 3.0  # dual-clip: cap of -A * ratio where A < 0 (0: off)
+    kl_coef: float = 0.01  # weight of the k3 KL penalty to the reference (the policy at the start of the phase)
+    kl_clamp: float = 10.0  # the k3 term is clamped to [-kl_clamp, kl_clamp]
+    # The authors' Solver ran micro-batch 1 with a token mean per micro-batch, so its update was in effect
+    # "seq_mean_token_mean" (their Challenger: micro-batch 2, in between)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | constant (Dr. GRPO): how token losses average
+    max_len_norm: int = 4096  # the constant of --loss-agg constant (the longest response)
+    grad_clip: float = 1.0  # gradient-norm clip; a step with a non-finite norm is skipped
+    micro_batch: int = 8  # sequences per forward/backward (gradients accumulate over the optimizer batch)
+    temperature: float = 1.0  # of every rollout and vote: log-probs are of logits / T, the sampler's own
+    logprob_chunk: int = 1024  # tokens per lm_head + log_softmax chunk (a [tokens, vocab] tensor never exists)
+    scale_adv_by_std: bool = True  # advantages (r - mean) / std; off: r - mean (Dr. GRPO)
 
     def __post_init__(self):
         if self.loss_agg not in LOSS_AGGS:

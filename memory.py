@@ -1,35 +1,45 @@
 """
 Will it fit? The memory plan of a run, computed from the model's shape and the run's settings before anything
-is loaded: per rank and per phase, the bytes of what train.py holds (its docstring, "Memory"):
-- the trained model: fp32 master weights, gradients (update only) and AdamW's two moments, sharded by FSDP2
-  (the update gathers a block at a time); the reference: sharded alike, compute dtype (the authors: FSDP full shard);
-- a frozen replica (the voting Solver, the dataset's Challenger) only while it samples, else parked in CPU
-  memory; the sampling copy of the trained model only during its rollouts;
+is loaded: per rank and per phase (Phase), the bytes of what a run holds (runtime.py's docstring):
+- the trained model: fp32 weights, gradients (update only), AdamW's moments, sharded by FSDP2; the reference alike;
+- a frozen replica (the voting Solver, the dataset's Challenger) only while it samples; the sampling copy of the
+  trained model only during its rollouts;
 - rollouts: the KV-cache pool (--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens
   per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
 - the update: the rollout batch, one micro-batch's activations (with --activation-checkpointing: each block's
   input, plus one block recomputed in backward), one chunk of lm_head logits.
 The per-token constants are counted from the ops of model.py and sample.py; tests/test_memory.py holds the
-plan against the peaks a real run measures (--profile). A run refuses to start a plan that cannot fit.
+plan against the peaks a real run measures (--profile: `peak_memory`). A run refuses to start a plan that cannot fit.
 
     python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
     python train.py --model /path/to/model --plan --gpus 4 --gpu-memory-gb 80 --micro-batch 1 ...
     python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8
 """
-import argparse
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import challenger
 from model import PAGE, KVCache, ModelConfig
-from runtime import gather, print0, rank, resolve_model, world, write_text
+from runtime import resolve_model
 
 GiB = 2**30
+
+
+class Phase:  # the parts of an iteration, named once: the plan's columns, train.py's clock, --profile's rows
+    challenger_rollouts, challenger_voting, challenger_update = "Challenger rollouts", "Challenger voting", \
+        "Challenger update"
+    dataset, solver_rollouts, solver_update = "dataset", "Solver rollouts", "Solver update"
+
+
 # The presets' models, as their config.json on the hub says (so a plan needs no download).
 HUB_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "tie_word_embeddings")
@@ -45,6 +55,8 @@ LOGIT_BYTES = 20  # per logit of a log-prob chunk in the update: recomputed logi
 
 @dataclass
 class PlanConfig:
+    """the memory plan (train.py --plan)"""
+    shape: str = ""  # config.json fields as JSON, instead of the model's
     gpus: int = 8  # ranks (torchrun processes); a real run uses its own
     reserve_gb: float = 2.0  # of each GPU's memory (--gpu-memory-gb): CUDA context, NCCL buffers, allocator slack
     challenger_prompt_tokens: int = 200  # the Challenger prompt in a real tokenizer's chat template
@@ -115,20 +127,20 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
 
     G, m, ch_jobs = c.challenger_group, c.m_answers, c.challenger_prompts * c.challenger_group // W
     cT, sT = pc.challenger_prompt_tokens + c.challenger_max_new_tokens, pc.solver_prompt_tokens + c.solver_max_new_tokens
-    phases["Challenger rollouts"] = trained | dict(sampling_copy=sampler, frozen_solver=parked) | rollout(
-        "Challenger rollouts", ch_jobs, pc.challenger_prompt_tokens, c.challenger_max_new_tokens, G, 1)
-    phases["Challenger voting"] = trained | dict(frozen_solver=replica) | rollout(
-        "Challenger voting", ch_jobs * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, ch_jobs * m)
-    phases["Challenger update"] = trained | dict(frozen_solver=parked) | update(ch_jobs, cT, c.micro_batch)
+    phases[Phase.challenger_rollouts] = trained | dict(sampling_copy=sampler, frozen_solver=parked) | rollout(
+        Phase.challenger_rollouts, ch_jobs, pc.challenger_prompt_tokens, c.challenger_max_new_tokens, G, 1)
+    phases[Phase.challenger_voting] = trained | dict(frozen_solver=replica) | rollout(
+        Phase.challenger_voting, ch_jobs * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, ch_jobs * m)
+    phases[Phase.challenger_update] = trained | dict(frozen_solver=parked) | update(ch_jobs, cT, c.micro_batch)
     voting = dict(frozen_solver=replica, frozen_challenger=parked) | rollout(
         "dataset voting", -(-c.n_problems // W) * m, pc.solver_prompt_tokens, c.answer_max_new_tokens, m, c.n_problems)
     gen = dict(frozen_solver=parked, frozen_challenger=replica) | rollout(
         "dataset problems", -(-c.n_problems // W), pc.challenger_prompt_tokens, c.challenger_max_new_tokens, 1, 1)
-    phases["dataset"] = max(voting, gen, key=lambda p: sum(p.values()))  # the larger; voting on a tie
+    phases[Phase.dataset] = max(voting, gen, key=lambda p: sum(p.values()))  # the larger; voting on a tie
     S = c.solver_problems * c.solver_group // W
-    phases["Solver rollouts"] = trained | dict(sampling_copy=sampler) | rollout(
-        "Solver rollouts", S, pc.solver_prompt_tokens, c.solver_max_new_tokens, c.solver_group, S)
-    phases["Solver update"] = trained | update(S, sT, c.micro_batch)
+    phases[Phase.solver_rollouts] = trained | dict(sampling_copy=sampler) | rollout(
+        Phase.solver_rollouts, S, pc.solver_prompt_tokens, c.solver_max_new_tokens, c.solver_group, S)
+    phases[Phase.solver_update] = trained | update(S, sT, c.micro_batch)
     return phases, rows
 
 
@@ -141,11 +153,11 @@ def hours_per_iteration(c, s, pc, rows, W):
     so = c.solver_steps * c.solver_problems * c.solver_group
     cp, sp = pc.challenger_prompt_tokens, pc.solver_prompt_tokens
     work = [  # (rows in flight, completions per rank, mean length, prompt)
-        (rows["Challenger rollouts"], ch / W, L(c.challenger_max_new_tokens), cp),
-        (rows["Challenger voting"], ch * c.m_answers / W, L(c.answer_max_new_tokens), sp),
+        (rows[Phase.challenger_rollouts], ch / W, L(c.challenger_max_new_tokens), cp),
+        (rows[Phase.challenger_voting], ch * c.m_answers / W, L(c.answer_max_new_tokens), sp),
         (rows["dataset problems"], c.n_problems / W, L(c.challenger_max_new_tokens), cp),
         (rows["dataset voting"], c.n_problems * c.m_answers / W, L(c.answer_max_new_tokens), sp),
-        (rows["Solver rollouts"], so / W, L(c.solver_max_new_tokens), sp)]
+        (rows[Phase.solver_rollouts], so / W, L(c.solver_max_new_tokens), sp)]
     decode_s = sum(jobs * n / r * (2 * P + r * (p + n / 2) * tok) for r, jobs, n, p in work) / (pc.bandwidth_gbs * 1e9)
     trained_tokens = (ch * (cp + L(c.challenger_max_new_tokens)) + so * (sp + L(c.solver_max_new_tokens))) / W
     return decode_s / 3600, 10 * P * trained_tokens / (pc.tflops * 1e12) / 3600
@@ -206,47 +218,108 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
               f"Qwen3-4B-Base on 8 x A100-40GB")
 
 
-def for_run(run):
-    """The plan of a running train.py (its ranks, model and prompts) -> (phases, rows, None or why it does not
-    fit in --gpu-memory-gb, default the GPU's)."""
-    shape = shape_of(dataclasses.replace(run.c, model=run.base))  # the loaded folder's config.json
-    cuda = run.device.type == "cuda"
-    pc = PlanConfig(gpus=world(), challenger_prompt_tokens=len(challenger.challenger_prompt(run.tok)),
-                    solver_prompt_tokens=run.solver_prompt_tokens or 150)
-    limit = run.c.gpu_memory_gb or (torch.cuda.get_device_properties(run.device).total_memory / GiB if cuda else 0)
-    return *plan(run.c, shape, pc, cuda=cuda), limit and verdict(run.c, shape, pc, limit, cuda)
+def check(c, folder, world, device, challenger_prompt_tokens):
+    """The plan of a starting train.py (its ranks, model folder, prompt) -> None if it fits in --gpu-memory-gb
+    (default: the GPU's; no limit on a CPU), else why not, in one sentence."""
+    cuda = device.type == "cuda"
+    limit = c.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / GiB if cuda else 0)
+    pc = PlanConfig(gpus=world, challenger_prompt_tokens=challenger_prompt_tokens)
+    return limit and verdict(c, shape_of(dataclasses.replace(c, model=folder)), pc, limit, cuda)
 
 
-def profile(run):
-    """--profile: each phase's time and measured peak (the largest over ranks) beside the plan's; profile.json."""
-    phases, rows, _ = for_run(run)
-    ranks = gather([run.peaks])
-    table = {k: dict(seconds=run.seconds.get(k, 0.0), peak=max(p.get(k, 0) for p in ranks),
-                     plan=sum(phases[k].values())) for k in phases if any(k in p for p in ranks)}
-    print0(f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}")
-    for k, t in table.items():
-        print0(f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}")
-    if rank() == 0:
-        write_text(run.path("profile.json"), json.dumps(dict(phases=table, plan=phases, rows=rows), indent=1))
+def profile(c, folder, world, cuda, prompt_tokens, seconds, peaks):
+    """--profile: each phase's time and measured peak (peaks: one dict per rank, the largest counts) beside the plan
+    -> (the table's lines, profile.json's content). prompt_tokens: (Challenger, longest Solver prompt)."""
+    pc = PlanConfig(gpus=world, challenger_prompt_tokens=prompt_tokens[0], solver_prompt_tokens=prompt_tokens[1])
+    phases, rows = plan(c, shape_of(dataclasses.replace(c, model=folder)), pc, cuda=cuda)
+    table = {k: dict(seconds=seconds.get(k, 0.0), peak=max(p.get(k, 0) for p in peaks),
+                     plan=sum(phases[k].values())) for k in phases if any(k in p for p in peaks)}
+    lines = [f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}"]
+    lines += [f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}"
+              f"{t['peak'] / t['plan']:11.2f}" for k, t in table.items()]
+    return lines, dict(phases=table, plan=phases, rows=rows)
 
 
-def parse_args(argv):
-    """Splits the plan's own flags (PlanConfig, --shape) from train.py's -> (PlanConfig, shape JSON, the rest)."""
-    ap = argparse.ArgumentParser(allow_abbrev=False)
-    ap.error = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-    for k, v in vars(PlanConfig()).items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    ap.add_argument("--shape", default=None, help="config.json fields as JSON, instead of the model's")
-    a, rest = ap.parse_known_args(argv)
-    return PlanConfig(**{k: getattr(a, k) for k in vars(PlanConfig())}), a.shape, rest
-
-
-def main(c, pc, shape_json):
+def main(c, pc):
     """train.py --plan: print the plan; exit 2 with one sentence if it does not fit."""
     gpu_gb = c.gpu_memory_gb or 40.0
-    s = shape_of(c, shape_json)
+    s = shape_of(c, pc.shape)
     report(c, s, pc, *plan(c, s, pc), gpu_gb)
     if msg := verdict(c, s, pc, gpu_gb):
         print(f"error: does not fit: {msg}", file=sys.stderr)
         sys.exit(2)
     print("fits")
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+def _storages(objs):
+    """The distinct storages under the tensors in objs (a DTensor's: its local shard's)."""
+    out = {}
+    for o in objs:
+        if isinstance(o, torch.Tensor) and not o.is_meta:
+            with contextlib.suppress(Exception):  # tensor subclasses without a storage of their own raise
+                st = getattr(o, "_local_tensor", o).untyped_storage()
+                out[id(st)] = st
+    return out.values()
+
+
+def _census():
+    """Every tensor storage the interpreter can reach (silencing deprecated attributes that warn when looked at)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _storages(gc.get_objects())
+
+
+class peak_memory(TorchDispatchMode):
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted).
+    CUDA: max_memory_allocated. CPU: a census, then each storage an op creates counts until its Python handle (which
+    lives as long as it) is finalized, on any thread (torch.profiler misses gloo's frees); FSDP resizes too. Slow."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.cuda, self.bytes = torch.device(device).type == "cuda", 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.live, self.sizes = 0, {}
+        self._track(_census())
+        self.bytes, resize = self.live, torch.UntypedStorage.resize_
+
+        def resize_(st, n):  # FSDP2 frees and re-allocates gathered weights by resizing their storage
+            if id(st) in self.sizes:
+                self._set(id(st), n)
+            return resize(st, n)
+        self._resize, torch.UntypedStorage.resize_ = resize, resize_
+        return super().__enter__()
+
+    def _set(self, key, n):  # storage `key` now holds n bytes
+        self.live += n - self.sizes.get(key, 0)
+        self.sizes[key] = n
+        self.bytes = max(self.bytes, self.live)
+
+    def _track(self, storages):
+        for st in storages:
+            if id(st) not in self.sizes:
+                self._set(id(st), st.nbytes())
+                weakref.finalize(st, self._free, id(st))
+
+    def _free(self, key):
+        self.live -= self.sizes.pop(key, 0)  # 0: freed after the block ended
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._track(_storages(torch.utils._pytree.tree_leaves(out)))
+        return out
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+            return False
+        torch.UntypedStorage.resize_ = self._resize
+        self.sizes = {}  # finalizers still pending find nothing to subtract
+        return super().__exit__(*exc)

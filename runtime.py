@@ -1,19 +1,27 @@
 """
-Where the code runs, nothing R-Zero: process group, this rank's share of a batch, device, model folders, files
-written whole or not at all, memory. `gather(f(my_share(xs))) == f(xs)` for per-item f, whatever the ranks.
+Where the code runs, nothing R-Zero: the process group and this rank's share of a batch, the device, model folders,
+where a run's models live (sharded, parked in CPU memory, on the device), checkpoints, and files written whole or
+not at all. `gather(f(my_share(xs))) == f(xs)` for per-item f, whatever the ranks.
+
+Models: the trained one holds fp32 master weights (lr-1e-6 updates survive), sharded by FSDP2 under torchrun (bf16
+compute, fp32 gradient reduction on GPU), as is its reference; a replica that only samples (the voting Solver, the
+dataset's Challenger) waits in CPU memory on a GPU run, moved in to sample (`on_device`).
 """
+import argparse
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
+import re
 import shutil
-import warnings
-import weakref
+from dataclasses import MISSING, fields
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from model import Transformer
 
 
 def init_distributed():
@@ -57,6 +65,39 @@ def gather(items):
     return [x for part in parts for x in part]
 
 
+def parse_settings(cls, argv=None, presets=None, known=False, **parser):
+    """argv -> the settings dataclass `cls` (and, known=True, the arguments it does not know): each field is a flag
+    --field-name (booleans also --no-field-name, lists take several values), its help the comment after the field,
+    grouped under the `# --` headings of each class it inherits (before any, the class's docstring); with presets
+    ({name: overrides}, the first the default), --preset NAME starts from one. A mistake raises ValueError in one
+    line (argparse would print its whole usage screen first)."""
+    ap = argparse.ArgumentParser(formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False, **parser)
+    ap.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    names = list(presets or ())
+    if presets:
+        ap.add_argument("--preset", default=names[0], help=f"the settings to start from: {', '.join(names)} [{names[0]}]")
+    kinds, first = {f.name: f for f in fields(cls)}, presets[names[0]] if presets else {}
+    for part in cls.__mro__[:-1]:
+        group = ap.add_argument_group(part.__doc__)
+        for line in inspect.getsource(part).splitlines():
+            if m := re.match(r"\s+# -- (.+)", line):
+                group = ap.add_argument_group(m[1])
+            elif (m := re.match(r"\s+(\w+): [^#]+#\s*(.+)", line)) and m[1] in kinds:
+                f = kinds[m[1]]
+                default = f.default_factory() if f.default is MISSING else f.default
+                shown = f"{default!r}" + (f", {names[0]}: {first[f.name]!r}" if first.get(f.name, default) != default else "")
+                kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+                kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(
+                    nargs="+", action="extend") if kind is list else dict(type=kind, metavar="X")
+                group.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{m[2]} [{shown}]", **kw)
+    a, rest = ap.parse_known_args(argv) if known else (ap.parse_args(argv), None)
+    if presets and a.preset not in presets:
+        raise ValueError(f"unknown preset {a.preset!r} (known: {', '.join(names)})")
+    settings = cls(**(presets[a.preset] if presets else {}) | {k: v for k, v in vars(a).items()
+                                                              if v is not None and k != "preset"})
+    return (settings, rest) if known else settings
+
+
 def device_and_dtype(device="auto", dtype="auto"):
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dt = getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if cuda else torch.float32
@@ -64,13 +105,7 @@ def device_and_dtype(device="auto", dtype="auto"):
 
 
 def resolve_model(name):
-    """A local folder for `name`: a folder, "toy" (the toy world, built on first use by rank 0) or a hub id."""
-    if name == "toy":
-        import toy
-        if rank() == 0:
-            toy.toy_path()
-        barrier()
-        return toy.toy_path()
+    """A local folder for `name`: a folder, or a hub id (downloaded)."""
     if os.path.isdir(name):
         return name
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -132,83 +167,104 @@ def append_row(path, row: dict, key):
     """Rank 0 appends a JSON row to a JSON Lines file, replacing any row with the same key(row) (one that a run
     killed before its checkpoint left behind: the resumed step writes it again). NaN and inf become null."""
     if rank() == 0:
-        with open(path) as f:
+        with open(path) if os.path.isfile(path) else contextlib.nullcontext([]) as f:
             rows = [line for line in f if key(json.loads(line)) != key(row)]
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         write_text(path, "".join(rows + [json.dumps(clean) + "\n"]))
 
 
-def _storages(objs):
-    """The distinct storages under the tensors in objs (a DTensor's: its local shard's)."""
-    out = {}
-    for o in objs:
-        if isinstance(o, torch.Tensor) and not o.is_meta:
-            with contextlib.suppress(Exception):  # tensor subclasses without a storage of their own raise
-                st = getattr(o, "_local_tensor", o).untyped_storage()
-                out[id(st)] = st
-    return out.values()
+# ------------------------------------------------------------------------------------------ where models live
+
+def shard(model, dtype):
+    """FSDP2 under torchrun: each block is a unit (gathered for its forward and backward only), then the root."""
+    if world() > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for unit in [*model.layers, model]:
+            fully_shard(unit, mp_policy=mp)
+    return model
 
 
-def _census():
-    """Every tensor storage the interpreter can reach (silencing deprecated attributes that warn when looked at)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return _storages(gc.get_objects())
+def free_memory(device):
+    """Frees what finished phases left: FSDP's hooks tie models into reference cycles, which only gc frees."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def live_tensor_bytes():
-    return sum(st.nbytes() for st in _census())
+def trainable(path, device, dtype, checkpoint_blocks=False):
+    """fp32 master weights, sharded under torchrun; checkpoint_blocks: recompute each block in backward."""
+    free_memory(device)
+    model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    model.checkpoint_blocks = checkpoint_blocks
+    return shard(model, dtype)
 
 
-class peak_memory(TorchDispatchMode):
-    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted).
-    CUDA: max_memory_allocated. CPU: a census, then each storage an op creates counts until its Python handle (which
-    lives as long as it) is finalized, on any thread (torch.profiler misses gloo's frees); FSDP resizes too. Slow."""
+def frozen(path, device, dtype, reference=False):
+    """A model without grads in the compute dtype: the reference sharded, a sampling replica parked in CPU memory."""
+    free_memory(device)
+    dev = device if reference or device.type == "cpu" else "cpu"
+    model = Transformer.from_pretrained(path, dtype=dtype, device=dev).eval().requires_grad_(False)
+    return shard(model, dtype) if reference else model
 
-    def __init__(self, device):
-        super().__init__()
-        self.cuda, self.bytes = torch.device(device).type == "cuda", 0
 
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        self.live, self.sizes = 0, {}
-        self._track(_census())
-        self.bytes, resize = self.live, torch.UntypedStorage.resize_
+@contextlib.contextmanager
+def on_device(model, device):
+    """A parked replica on the GPU for the block; back in CPU memory after it. Nothing to move on a CPU run."""
+    gpu = device.type == "cuda"
+    try:
+        yield model.to(device) if gpu else model
+    finally:
+        if gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
 
-        def resize_(st, n):  # FSDP2 frees and re-allocates gathered weights by resizing their storage
-            if id(st) in self.sizes:
-                self._set(id(st), n)
-            return resize(st, n)
-        self._resize, torch.UntypedStorage.resize_ = resize, resize_
-        return super().__enter__()
 
-    def _set(self, key, n):  # storage `key` now holds n bytes
-        self.live += n - self.sizes.get(key, 0)
-        self.sizes[key] = n
-        self.bytes = max(self.bytes, self.live)
+def sampling_copy(model, device, dtype):
+    """The trained model as a plain module to decode with: each weight cast on its shard, then gathered (no full
+    fp32 copy). One process in float32 samples from the model itself."""
+    if world() == 1 and dtype == torch.float32:
+        return model
+    tied = model.config.tie_word_embeddings
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+    plain = Transformer.from_state_dict(model.config, sd, model.hf_config, device=device)
+    return plain.eval().requires_grad_(False)
 
-    def _track(self, storages):
-        for st in storages:
-            if id(st) not in self.sizes:
-                self._set(id(st), st.nbytes())
-                weakref.finalize(st, self._free, id(st))
 
-    def _free(self, key):
-        self.live -= self.sizes.pop(key, 0)  # 0: freed after the block ended
+def export(model, tokenizer, path):
+    """The model as a Hugging Face folder with the tokenizer, written whole or not at all (rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self._track(_storages(torch.utils._pytree.tree_leaves(out)))
-        return out
+    # every rank takes part in gathering an FSDP model's weights; rank 0 gets them
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        with atomic(path) as tmp:
+            Transformer.save_pretrained(model, tmp, state_dict=sd)
+            tokenizer.save_pretrained(tmp)
+    barrier()
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
-            return False
-        torch.UntypedStorage.resize_ = self._resize
-        self.sizes = {}  # finalizers still pending find nothing to subtract
-        return super().__exit__(*exc)
+
+def save_state(path, model, opt, meta):
+    """The phase in progress after a completed step: model, optimizer, meta. Atomic: a crash leaves the previous one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        with atomic(path) as tmp:
+            torch.save(dict(model=msd, optim=osd, meta=meta, rng=torch.get_rng_state()), tmp)
+    barrier()
+
+
+def load_state(path, model, opt, meta):
+    """Loads the state saved at `path` into model and opt if its meta matches `meta` (the phase) -> its meta, or None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    st = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    if st is None or any(st["meta"][k] != v for k, v in meta.items()):
+        return None
+    set_state_dict(model, opt, model_state_dict=st["model"], optim_state_dict=st["optim"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(st["rng"])
+    return st["meta"]

@@ -17,8 +17,6 @@ iteration, the Challenger's reward samples m answers for each of 2,048 questions
 Returned log-probs are log softmax(logits / T) of the sampled token, before top-p / top-k truncation: the
 quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (greedy) they are at T = 1.
 """
-import argparse
-import sys
 from collections import deque
 from itertools import islice
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import PAGE, KVCache, Transformer
+from model import PAGE, KVCache
 
 
 @dataclass
@@ -44,7 +42,7 @@ def chat_prompt(tokenizer, system, user):
     if getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    else:  # base models without a template (RZERO.md's fallback)
+    else:  # base models without a template (the authors' fallback)
         text = f"system: {system}\nuser: {user}\nassistant:"
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -240,42 +238,3 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     if stats is not None:
         stats.update(st)
     return results
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample completions from a Hugging Face checkpoint folder.")
-    ap.add_argument("--model", required=True, help="checkpoint folder (config.json, model.safetensors, tokenizer)")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--n", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    ap.add_argument("--system", default="Please reason step by step, and put your final answer within \\boxed{}.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    a = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    try:
-        if a.n < 1 or a.max_new_tokens < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
-            raise ValueError("need --n >= 1, --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
-        model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype) if a.dtype else None,
-                                            device=a.device).eval()
-        try:
-            tok = AutoTokenizer.from_pretrained(a.model)
-        except Exception:
-            raise ValueError(f"model folder {a.model!r} has no loadable tokenizer") from None
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    ids = chat_prompt(tok, a.system, a.prompt) if a.chat else tok.encode(a.prompt)
-    outs = generate(model, [ids], n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_p=a.top_p, top_k=a.top_k, eos_ids=eos_ids_of(tok), tokenizer=tok, seed=a.seed)
-    for k, c in enumerate(outs[0]):
-        print(f"--- sample {k} ({len(c.tokens)} tokens, {c.finish_reason})\n{c.text}")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,13 +11,11 @@ of informative difficulty:
 and the Solver is then trained with GRPO on reward 1[last boxed answer == y*].
 
 Paper vs the authors' code (the paper is the default, the code is a switch):
-- `band="code"`: keep 0.3 <= p <= 0.8 (the code used m = 9), count a missing \\boxed{} as the
-  answer "None" when voting, and drop problems whose majority is empty / "None".
-- The code's Solver reward was 0.9 * correct + 0.1 * format(<think> tags), a leftover of its template;
-  here it is the paper's binary reward.
-- Voting samples at temperature 1 with no top-p / top-k truncation (the code used top-k 40): p is meant to be
-  the Solver's own probability of reaching its majority answer, and its training rollouts (top-p 0.99) are
-  all but untruncated. Set `vote_top_k=40` to match the code.
+- `band="code"`: keep 0.3 <= p <= 0.8 (the code used m = 9), a missing \\boxed{} votes "None", and problems
+  whose majority is empty or "None" are dropped.
+- The code's Solver reward was 0.9 * correct + 0.1 * format(<think> tags), a template leftover; here the paper's.
+- Voting samples untruncated at temperature 1 (the code: top-k 40, `vote_top_k=40`): p is meant to be the
+  Solver's own probability of its majority answer, and its rollouts (top-p 0.99) are all but untruncated.
 """
 from dataclasses import dataclass
 
@@ -29,15 +27,13 @@ SOLVER_SYSTEM = "Please reason step by step, and put your final answer within \\
 
 @dataclass
 class SolverConfig:
-    # voting: the frozen Solver answers each question m times, untruncated (top-p 1: p estimates the policy's own
-    # answer distribution)
-    m_answers: int = 10  # the paper's m (a flag named --m would clash with torchrun's own options)
-    vote_top_k: int = 0  # the authors' code used 40
-    answer_max_new_tokens: int = 4096
-    # the dataset filter
-    delta: float = 0.25  # keep |p - 1/2| <= delta
-    filter: bool = True  # False = the paper's "without filtering" ablation (keep every problem with a majority)
-    band: str = "paper"  # "paper" | "code": the code's 0.3 <= p <= 0.8, and a missing answer votes "None"
+    """voting and the Solver dataset (solver.py)"""
+    m_answers: int = 10  # m: the frozen Solver's answers per question (a flag --m would clash with torchrun's)
+    vote_top_k: int = 0  # voting samples untruncated (top-p 1: p is the policy's own); the authors' code: top-k 40
+    answer_max_new_tokens: int = 4096  # token budget of a voting answer
+    delta: float = 0.25  # the filter: keep a problem if |p - 1/2| <= delta (3..7 of 10 agree)
+    filter: bool = True  # the filter on (off: the paper's "without filtering" ablation keeps every majority)
+    band: str = "paper"  # paper | code: the code's 0.3 <= p <= 0.8, and a missing answer votes "None"
 
 
 @dataclass

@@ -7,16 +7,11 @@ with their spread in one table and one picture.
     python sweep.py --table-only                      # the table and the picture from the runs already there
     python sweep.py --out runs/lr --arms full -- --lr 1e-4    # flags after -- go to every run
 
-Each (arm, seed) is one process, `python train.py --seed S --out-dir OUT/ARM/seedS FLAGS`, its output in
-OUT/ARM/seedS/log.txt; --jobs of them run at once with cores / jobs threads each (train.py gives the same
-numbers at any thread count). A sweep killed and re-run with the same command resumes every unfinished run where
-it stopped (train.py resumes from its folder) and skips finished ones.
-
-Outputs, once every run is done: OUT/results.md and OUT/results.json (per arm and iteration: the held-out mean@4
-as the mean over seeds and its spread, min..max, with pseudo-label accuracy, kept problems and question
-difficulty as means), and OUT/results.svg (mean@4 and pseudo-label accuracy per iteration, one line per arm).
-The numbers come from the toy world's checker (train.py's held-out measuring): a sweep on a real model has none,
-and its table is train.py --eval-data's, per run.
+Each (arm, seed) is one process, `python train.py --seed S --out-dir OUT/ARM/seedS FLAGS` (log.txt beside), --jobs
+at once with cores / jobs threads each; a sweep killed and re-run resumes every unfinished run. Outputs:
+OUT/results.md and results.json (per arm and iteration: held-out mean@4 over seeds, min..max, and means of
+pseudo-label accuracy, kept problems, question difficulty) and results.svg. The numbers are the toy world's
+checker's: on a real model each run's table is its own (train.py --eval-data).
 """
 import argparse
 import fcntl
@@ -26,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import report
 from runtime import read_json, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -200,52 +196,15 @@ def markdown(table, per_seed, base, seeds, wall, machine, dry=()):
     return "\n".join(lines) + "\n"
 
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
-
-
 def svg(table, base, path):
-    """Two panels, mean@4 and pseudo-label accuracy per iteration, one line per arm with its seeds' min..max as
-    bars; the base's mean@4 dashed. Plain SVG text: no plotting library."""
-    W, H, L, T, PW, PH, GAP = 1130, 380, 60, 40, 330, 260, 110
-    n_it = max((max(its) for its in table.values()), default=1)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
-    panels = [("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")]
-    for panel, (key, title) in enumerate(panels):
-        x0 = L + panel * (PW + GAP)
-        vals = [v for its in table.values() for m in its.values() if m[key] for v in (m[key]["min"], m[key]["max"])]
-        vals += [base["mean_at_k"]] if key == "mean_at_k" and base else []
-        lo, hi = (min(vals), max(vals)) if vals else (0, 1)
-        lo, hi = lo - 0.02 - (hi - lo) * 0.05, hi + 0.02 + (hi - lo) * 0.05
-        X = lambda i: x0 + PW * (i - 0.7) / (n_it - 0.4)
-        Y = lambda v: T + PH * (hi - v) / (hi - lo)
-        out.append(f'<text x="{x0 + PW / 2}" y="{T - 14}" text-anchor="middle" font-size="14">{title}</text>')
-        out.append(f'<rect x="{x0}" y="{T}" width="{PW}" height="{PH}" fill="none" stroke="#444"/>')
-        for k in range(5):
-            v = lo + (hi - lo) * (k + 0.5) / 5
-            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#ddd"/>'
-                       f'<text x="{x0 - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{100 * v:.0f}</text>')
-        for i in range(1, n_it + 1):
-            out.append(f'<text x="{X(i):.1f}" y="{T + PH + 16}" text-anchor="middle">{i}</text>')
-        out.append(f'<text x="{x0 + PW / 2}" y="{T + PH + 34}" text-anchor="middle">iteration</text>')
-        if key == "mean_at_k" and base:
-            y = Y(base[key])
-            out.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{y:.1f}" y2="{y:.1f}" stroke="#000" '
-                       f'stroke-dasharray="5,4"/><text x="{x0 + 4}" y="{y - 4:.1f}">base</text>')
-        for k, ((arm, its), colour) in enumerate(zip(table.items(), COLOURS)):
-            pts = [(X(i) + 3 * (k - len(table) / 2), m[key]) for i, m in its.items() if m[key]]  # arms side by side
-            if pts:
-                out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
-                           + " ".join(f"{x:.1f},{Y(s['mean']):.1f}" for x, s in pts) + '"/>')
-            for x, s in pts:
-                out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(s["min"]):.1f}" y2="{Y(s["max"]):.1f}" '
-                           f'stroke="{colour}" opacity="0.5"/><circle cx="{x:.1f}" cy="{Y(s["mean"]):.1f}" r="3" '
-                           f'fill="{colour}"/>')
-    for k, ((arm, _), colour) in enumerate(zip(table.items(), COLOURS)):  # the legend, right of the panels
-        y, x = T + 8 + 18 * k, L + 2 * PW + GAP + 20
-        out.append(f'<line x1="{x}" x2="{x + 20}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="3"/>'
-                   f'<text x="{x + 25}" y="{y + 4}">{arm}</text>')
-    write_text(path, "\n".join(out + ["</svg>"]) + "\n")
+    """Held-out mean@4 and pseudo-label accuracy per iteration, one line per arm with its seeds' min..max as bars,
+    arms side by side; the base's mean@4 dashed (report.svg_chart)."""
+    panels = []
+    for key, title in (("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")):
+        series = {arm: [(i, m[key]["mean"], m[key]["min"], m[key]["max"]) for i, m in its.items() if m[key]]
+                  for arm, its in table.items()}
+        panels.append((title, "iteration", series, {"base": base["mean_at_k"]} if key == "mean_at_k" and base else {}))
+    report.svg_chart(panels, path, spread=3)
 
 
 def main(argv=None):

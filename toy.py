@@ -1,25 +1,17 @@
 """
 The toy world: a tiny tokenizer and a 0.6M-parameter Qwen3 base model (hidden 128, 3 layers) that `python train.py`
-runs R-Zero on, on a CPU. It is pretrained in about three minutes on synthetic arithmetic in R-Zero's two formats, in
+runs R-Zero on, on a CPU. It is pretrained in a few minutes on synthetic arithmetic in R-Zero's two formats, in
 the chat template, as the method prompts: challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`,
 solver_prompt(problem) + `300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`. It is saved as an
 ordinary Hugging Face folder (model_type qwen3) and loads like Qwen3-4B-Base.
 
-Why this world: the Solver step only sharpens a model toward its own majority vote, so the base Solver must gain from
-voting (maj@k well above mean@k) with a mostly right majority: long worked chains, where one slip at temperature 1
+Why this world (README, "The method"): the Solver step only sharpens a model toward its own majority vote, so the
+base Solver must gain from voting with a mostly right majority: long worked chains, where one slip at temperature 1
 ruins a sample and the vote recovers the answer. 4 levels give the Challenger a range to aim in; its documents are
-mostly easy (32:8:2:1, as in real text; the Solver's are even), so the base Challenger, like a real base model, writes
-problems its Solver is sure of, and Challenger training has something to learn: aim where the Solver is unsure.
-
-Measured, not guessed: with Challenger documents spread like the Solver's, the trained Challenger drifted past the
-pretraining range; at 8:4:2:1 an untrained Challenger's in-band questions already spanned every level and it did
-nearly as well as a trained one (0.7-1.5 points below over 3 seeds); at 32:8:2:1 its in-band questions are mostly
-2-digit products the Solver gets wrong in a repeated way (labels ~50% right), and training on them makes the Solver
-worse, so the Challenger's aim decides the run (README, "The lab"). Documents are packed into rows (batches grouped
-by length learned several times slower); chains copy only nearby numbers (a far copy late in a long chain stayed at
-0% after 900 steps); 3 layers and 800 steps build in 1.6-2.8 min on 2 cores, base greedy / mean@4 / maj@4 78-80 /
-60-64 / 69-74% by machine (4 layers and 900 steps: 3.9 min for 85 / 67 / 78%; 700 steps are too few: the loss falls
-steeply between 500 and 800).
+mostly easy (32:8:2:1, as in real text; the Solver's are even), so the base Challenger writes problems its Solver is
+sure of, or gets wrong in a repeated way, and the run depends on the Challenger learning to aim (measured: with
+8:4:2:1 an untrained Challenger did nearly as well as a trained one). Documents are packed into rows; chains copy
+only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 3 layers and 800 steps.
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
 training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.
@@ -338,12 +330,15 @@ def cache_key(cfg: ToyConfig) -> str:
 
 
 def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
-    """The cached toy-world folder, built on first use (a few minutes on 2 cores)."""
+    """The cached toy-world folder, built on first use (a few minutes on 2 cores; under torchrun by rank 0)."""
+    from runtime import barrier, rank
+
     root = os.environ.get("RZERO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rzero"))
     path = os.path.join(root, f"toy-{cache_key(cfg)}")
-    if rebuild or not os.path.isfile(os.path.join(path, "toy.json")):
+    if rank() == 0 and (rebuild or not os.path.isfile(os.path.join(path, "toy.json"))):
         print(f"building the toy world into {path} (once, a few minutes) ...", flush=True)
         build_toy(path, cfg)
+    barrier()
     return path
 
 

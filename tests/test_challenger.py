@@ -345,7 +345,7 @@ def test_challenger_prompt():
         assert needle in ch.CHALLENGER_SYSTEM
 
 
-AUTHORS_SYSTEM = (  # RZERO.md, "The authors' prompts, verbatim" (their verl/utils/dataset.py, questioner_format)
+AUTHORS_SYSTEM = (  # the authors' prompt, verbatim (their code's verl/utils/dataset.py, questioner_format)
     "You are an expert competition-math problem setter.\n"
     "FIRST, in your private scratch-pad, think step-by-step to design a brand-new, non-trivial problem. "
     "The problem could come from any field of mathematics, including but not limited to algebra, geometry, number theory, combinatorics, prealgebra, probability, statistics, and calculus. "  # noqa: E501

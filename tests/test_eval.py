@@ -14,8 +14,7 @@ import toy
 from conftest import CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE, byte_level_tokenizer, make_hf_model, make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIRS = [os.path.join(REPO, "..", "shared", "benchmarks"), "/work/shared/benchmarks"]
-BENCH = next((d for d in BENCH_DIRS if os.path.isdir(d)), None)
+BENCH = os.environ.get("RZERO_BENCHMARKS")  # a folder of the real benchmark files (README), read when given
 
 MIXED = [  # one row per field convention
     ({"problem": "what is 1 / 2 ?", "answer": "\\frac{1}{2}"}, "\\frac{1}{2}"),
@@ -297,7 +296,7 @@ def test_bbeh_matching():
     assert ev.extract_free("\\boxed{\\text{Dog}}.") == "dog" and ev.extract_free("The answer is: **No**.") == "no"
 
 
-@pytest.mark.skipif(BENCH is None, reason="../shared/benchmarks is not present")
+@pytest.mark.skipif(BENCH is None, reason="RZERO_BENCHMARKS names no folder of benchmark files")
 def test_real_benchmarks(tmp_path, models):
     refs = {}
     for f in sorted(os.listdir(BENCH)):

@@ -154,3 +154,23 @@ def test_append_row_replaces_the_row_with_the_same_key(tmp_path):
         runtime.append_row(path, row, key)
     rows = [json.loads(line) for line in open(path)]
     assert rows == [dict(phase="a", step=0, x=1.0), dict(phase="b", x=2), dict(phase="a", step=1, x=None, y=3)]
+
+
+def test_no_import_circle_among_the_projects_modules():
+    """Each file's imports of the project's modules (also those inside functions) form no cycle."""
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    graph = {}
+    for m in mods:
+        with open(os.path.join(root, m + ".py")) as f:
+            tree = ast.parse(f.read())
+        graph[m] = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+            n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] &= mods - {m}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph[a])
+
+    assert "toy" not in graph["runtime"] and not [m for m in mods if reaches(m, m)]

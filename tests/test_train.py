@@ -82,6 +82,43 @@ def test_full_iteration_writes_every_output(full_run, world):
         os.path.join(out, "iter1/measure.json"))
 
 
+def test_a_run_keeps_what_the_challenger_asked_and_draws_itself(full_run):
+    """Every Challenger step's questions with their p, reward and penalty; run.svg plots every step's reward."""
+    import xml.etree.ElementTree as ET
+
+    out, _ = full_run
+    with open(os.path.join(out, "iter1/challenger_questions.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    chal = [m for m in metrics(out) if m["phase"] == "challenger"]
+    assert [s["step"] for s in steps] == [0, 1] and all(len(s["questions"]) == 4 * 4 for s in steps)  # prompts x G
+    for s, m in zip(steps, chal):
+        qs = s["questions"]
+        assert abs(sum(q["reward"] for q in qs) / len(qs) - m["reward"]) < 1e-9
+        assert sum(q["question"] is not None for q in qs) / len(qs) == m["valid_format"]
+        assert all(("text" in q) == (q["question"] is None) and 0 <= q["penalty"] <= 1 for q in qs)
+        assert all(q["p"] is not None and 0 < q["p"] <= 1 for q in qs if q["question"] is not None)
+    svg = ET.parse(os.path.join(out, "run.svg")).getroot()
+    texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert "Challenger reward" in texts and "Solver reward" in texts and "kept share" in texts
+    points = [p.get("points").split() for p in svg.iter("{http://www.w3.org/2000/svg}polyline")]
+    assert sorted(map(len, points)) == [1, 2, 3]  # kept share (1 iteration), Challenger (2 steps), Solver (3 steps)
+
+
+def test_a_step_without_signal_says_why_in_one_line():
+    """6 of 16 outputs parsed and every vote without a boxed answer: the line names both token budgets."""
+    import report
+    import solver
+    import train
+
+    c = train.TrainConfig(challenger_max_new_tokens=256, answer_max_new_tokens=128)
+    votes = [solver.vote(["no box"] * 4, c) for _ in range(6)] + [None] * 10
+    why = report.no_signal(c, 16, 6, 9, votes, 24, zero_var=True)
+    assert "only 6 of 16 Challenger outputs held a <question>" in why and "9 stopped at --challenger-max-new-tokens 256" in why
+    assert "24 of 24 Solver answers had no \\boxed{} answer (24 stopped at --answer-max-new-tokens 128)" in why
+    assert "GRPO had nothing to learn from" in why and "\n" not in why
+    assert report.no_signal(c, 16, 16, 0, [solver.vote(["\\boxed{1}"] * 4, c)] * 16, 0, False) == ""
+
+
 def test_exported_solver_loads_in_transformers(full_run):
     from transformers import AutoModelForCausalLM
 
@@ -209,6 +246,17 @@ def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
     for f in dataclasses.fields(train.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text and (f.type is not bool or "--no-" + f.name.replace("_", "-") in help_text), flag
+    # every flag explains itself: a meaning and its default, grouped by concept
+    flat = " ".join(help_text.split())
+    entries = {e.split()[0].rstrip(","): " ".join(e.split("\n\n")[0].split()) for e in help_text.split("\n  --")[1:]}
+    for f in dataclasses.fields(train.TrainConfig):
+        said = entries[f.name.replace("_", "-")]  # the flag's entry: its name, then its help
+        assert len(said) > 20 and said.endswith("]") and "[" in said, (f.name, said)
+    assert "--lr X AdamW learning rate, constant [1e-06, toy: 5e-05]" in flat
+    assert "--n-problems X N: problems the Challenger writes per iteration [8000, toy: 272]" in flat
+    for group in ("GRPO", "the Challenger phase", "the Challenger's reward", "the dataset phase", "the Solver phase",
+                  "voting and the Solver dataset", "the loop", "the machine", "the lab"):
+        assert "\n" + group in help_text, group
     c = train.parse_config(["--no-filter", "--band", "code", "--reward-variant", "code", "--no-repetition-penalty",
                             "--penalty-weight", "0.5", "--cluster-cut", "0.4", "--beta1", "0.8", "--beta2", "0.95",
                             "--dual-clip", "0", "--m-answers", "9", "--vote-top-k", "40"])
@@ -270,7 +318,7 @@ def fake_run(tmp_path, monkeypatch):
         return [[sample.Completion([], [], "eos", t) for t in by_prompt[tuple(p)][:n]] for p in prompts]
 
     monkeypatch.setattr(sample, "generate", fake_generate)
-    monkeypatch.setattr(train, "frozen", lambda run, path: ("frozen", path))  # the fake generate needs no model
+    monkeypatch.setattr(train, "frozen", lambda path, device, dtype: ("frozen", path))  # the fake needs no model
     return train.Run(c, "base", tok, torch.device("cpu"), torch.float32), calls, script
 
 
@@ -279,7 +327,7 @@ def test_vote_is_one_batched_untruncated_call(fake_run):
     import train
 
     run, calls, _ = fake_run
-    votes = train.vote(run, "solver model", [Q_A, None, Q_B, Q_A], seed=100)
+    votes, cut = train.vote(run, "solver model", [Q_A, None, Q_B, Q_A], seed=100)
     (call,) = calls  # one call, the unparsable question never reaches the Solver
     assert call["model"] == "solver model" and call["n"] == 4
     assert call["prompts"] == [solver.solver_prompt(run.tok, q) for q in (Q_A, Q_B, Q_A)]
@@ -287,7 +335,8 @@ def test_vote_is_one_batched_untruncated_call(fake_run):
     assert (call["temperature"], call["top_p"], call["top_k"], call["max_new_tokens"]) == (0.7, 1.0, 40, 24)
     assert votes[1] is None and votes[0] == votes[3] == solver.vote(SOLVER_ANSWERS[Q_A], run.c)
     assert (votes[0].majority, votes[0].p, votes[2].majority, votes[2].p) == ("2", 0.5, "7", 1.0)
-    assert train.vote(run, "solver model", [None, None], seed=0) == [None, None] and len(calls) == 1
+    assert cut == 0  # no answer stopped at the token budget
+    assert train.vote(run, "solver model", [None, None], seed=0) == ([None, None], 0) and len(calls) == 1
 
 
 def test_dataset_phase_writes_questions_and_dataset_once(fake_run):
@@ -329,17 +378,17 @@ def test_dataset_phase_that_keeps_nothing_writes_no_dataset(fake_run):
 
 def test_log_replaces_a_row_of_the_same_step(fake_run):
     """A run killed between its log row and its checkpoint re-runs that step: the row is replaced, not doubled."""
-    import train
+    import report
 
     run, _, _ = fake_run
     for row in (dict(iteration=1, phase="challenger", step=0, reward=0.5),
                 dict(iteration=1, phase="challenger", step=1, reward=float("nan")),  # JSON has no NaN: null
                 dict(iteration=1, phase="dataset", kept=3),
                 dict(iteration=1, phase="challenger", step=1, reward=0.25)):
-        train.log(run, row)
+        report.log(run, row)
     assert [(m["phase"], m.get("step"), m.get("reward")) for m in metrics(run.c.out_dir)] == [
         ("challenger", 0, 0.5), ("dataset", None, None), ("challenger", 1, 0.25)]
-    train.log(run, dict(iteration=1, phase="solver", step=0, loss=float("inf")))
+    report.log(run, dict(iteration=1, phase="solver", step=0, loss=float("inf")))
     assert metrics(run.c.out_dir)[-1]["loss"] is None
 
 
@@ -371,14 +420,14 @@ def test_solver_problems_are_reshuffled_every_epoch_and_a_short_set_warns(tmp_pa
 
     records = [dict(problem=f"q{i}", pseudo_label="1") for i in range(6)]
     picked = []
-    for name in ("trainable", "frozen", "sampler", "export", "save_state", "log"):
+    for name in ("trainable", "frozen", "sampling_copy", "export", "save_state", "load_state"):
         monkeypatch.setattr(train, name, lambda *a, **kw: None)
-    monkeypatch.setattr(train, "load_state", lambda *a: 0)
     monkeypatch.setattr(train.grpo, "make_optimizer", lambda *a: None)
     monkeypatch.setattr(train.solver, "solver_prompt", lambda tok, q: picked.append(q) or [0])
     monkeypatch.setattr(train, "generate", lambda run, model, prompts, n, *a, **kw: [
         [train.sample.Completion([1], [0.0], "eos", "\\boxed{1}")] * n for _ in prompts])
     monkeypatch.setattr(train, "train_on", lambda *a: ({}, 1))
+    monkeypatch.setattr(train.report, "solver_step", lambda *a: None)
     c = train.TrainConfig(out_dir=str(tmp_path), solver_steps=3, solver_problems=8, solver_updates=2)
     run = train.Run(c, "base", None, torch.device("cpu"), torch.float32)
     train.solver_phase(run, 1, "base", records)
