@@ -297,7 +297,7 @@ def run(cfg: EvalConfig):
     benches = [load_benchmark(p, cfg) for p in benchmark_paths(cfg.data)]  # every input is checked before any work
     if len({b.name for b in benches}) < len(benches):
         raise ValueError("two benchmarks have the same name: " + ", ".join(b.name for b in benches))
-    paths, names = [toy.toy_path() if m == "toy" else resolve_model(m) for m in cfg.model], model_names(cfg.model)
+    paths, names = [resolve_model(m) for m in cfg.model], model_names(cfg.model)
     for p in paths:
         check_folder(p)
     try:

@@ -22,7 +22,7 @@ def preflight(c):
     """Everything a run needs, checked before it writes anything -> (base folder, tokenizer, device, dtype)."""
     from transformers import AutoTokenizer
 
-    base = resolve(c.model)
+    base = resolve_model(c.model)
     check_folder(base)
     try:
         tok = AutoTokenizer.from_pretrained(base)
@@ -125,14 +125,6 @@ def solver_step(run, it, step, rewards, upd, times):
 
 
 # ------------------------------------------------------------------------------------------ held-out measuring
-
-def resolve(name):
-    """The model folder of --model: "toy" is the toy world (built on first use), else runtime's."""
-    if name != "toy":
-        return resolve_model(name)
-    import toy
-    return toy.toy_path()
-
 
 def toy_world(folder):
     """The seam to a world that knows the answers (toy.py: its checker measures, and labels), or None."""

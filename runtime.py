@@ -104,8 +104,13 @@ def device_and_dtype(device="auto", dtype="auto"):
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"), dt
 
 
+TOY_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_world")  # the world that ships (toy.py)
+
+
 def resolve_model(name):
-    """A local folder for `name`: a folder, or a hub id (downloaded)."""
+    """A local folder for `name`: a folder, "toy" (the toy world the project ships), or a hub id (downloaded)."""
+    if name == "toy":
+        return TOY_WORLD
     if os.path.isdir(name):
         return name
     if name.count("/") != 1 or name.startswith((".", "/", "~")):

@@ -221,8 +221,6 @@ def main(argv=None):
         a.ttrl_data = os.path.join(a.out, "ttrl_problems.jsonl")
         if not a.table_only and not os.path.isfile(a.ttrl_data):
             toy.write_problems(a.ttrl_data, n=272)  # unlabelled, not held out, the size of one dataset phase
-    if on_toy and not a.table_only:
-        toy.toy_path()  # built once here: runs started together would each build it, into one folder
     runs = runs_of(a, extra)
     t0 = time.time()
     if not a.table_only:

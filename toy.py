@@ -1,9 +1,11 @@
 """
-The toy world: a tiny tokenizer and a 0.6M-parameter Qwen3 base model (hidden 128, 3 layers) that `python train.py`
-runs R-Zero on, on a CPU. It is pretrained in a few minutes on synthetic arithmetic in R-Zero's two formats, in
-the chat template, as the method prompts: challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`,
-solver_prompt(problem) + `300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`. It is saved as an
-ordinary Hugging Face folder (model_type qwen3) and loads like Qwen3-4B-Base.
+The toy world: a tiny tokenizer and a 0.4M-parameter Qwen3 base model (hidden 128, 2 layers) that `python train.py`
+runs R-Zero on, on a CPU. It ships in toy_world/ (`--model toy`), the same on every machine: pretraining is
+chaotic, so a world rebuilt here (`python toy.py`) is this machine's own. It is pretrained in a few minutes on
+synthetic arithmetic in R-Zero's two formats, in the chat template, as the method prompts:
+challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`, solver_prompt(problem) +
+`300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`. It is saved as an ordinary Hugging Face
+folder (model_type qwen3) and loads like Qwen3-4B-Base.
 
 Why this world (README, "The method"): the Solver step only sharpens a model toward its own majority vote, so the
 base Solver must gain from voting with a mostly right majority: long worked chains, where one slip at temperature 1
@@ -11,7 +13,8 @@ ruins a sample and the vote recovers the answer. 4 levels give the Challenger a 
 mostly easy (32:8:2:1, as in real text; the Solver's are even), so the base Challenger writes problems its Solver is
 sure of, or gets wrong in a repeated way, and the run depends on the Challenger learning to aim (measured: with
 8:4:2:1 an untrained Challenger did nearly as well as a trained one). Documents are packed into rows; chains copy
-only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 3 layers and 800 steps.
+only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 2 layers (a third made runs
+30% slower, not better) and 1000 steps. The shipped build was chosen among candidates by measurement (README).
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
 training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.
@@ -40,20 +43,21 @@ LEVELS = {  # level -> (lo, hi) ranges of its product terms: a k-digit number ti
     4: [[(10000, 99999), (2, 9)]],   # 25379 * 4                                                      9
 }
 HELDOUT_MOD = 4  # a problem is held out iff crc32(its expression) % HELDOUT_MOD == 0
+WORLD_SHA256 = "ed2ed6b149fe8e01800f08ec44a890838164ebc9e805393c68389c3851fd973e"  # toy_world/model.safetensors
 BUILD_VERSION = 2  # in the cache key: bump when a change to model.py alters what pretraining computes
 
 
 @dataclass
 class ToyConfig:
-    seed: int = 0
+    seed: int = 1                   # the shipped world's (README, "The toy world")
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 3
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 32
     rope_theta: float = 10000.0
-    steps: int = 800                # pretraining optimizer steps
+    steps: int = 1000               # pretraining optimizer steps
     batch_size: int = 12            # rows of packed documents per step
     seq_len: int = 256              # tokens per row
     lr: float = 3e-3                # peak, linear warmup then cosine to lr / 10
@@ -330,15 +334,12 @@ def cache_key(cfg: ToyConfig) -> str:
 
 
 def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
-    """The cached toy-world folder, built on first use (a few minutes on 2 cores; under torchrun by rank 0)."""
-    from runtime import barrier, rank
-
+    """A world built on this machine from cfg, cached by its settings (a few minutes on 2 cores)."""
     root = os.environ.get("RZERO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rzero"))
     path = os.path.join(root, f"toy-{cache_key(cfg)}")
-    if rank() == 0 and (rebuild or not os.path.isfile(os.path.join(path, "toy.json"))):
-        print(f"building the toy world into {path} (once, a few minutes) ...", flush=True)
+    if rebuild or not os.path.isfile(os.path.join(path, "toy.json")):
+        print(f"building a toy world into {path} (a few minutes) ...", flush=True)
         build_toy(path, cfg)
-    barrier()
     return path
 
 
@@ -411,7 +412,7 @@ def columns(k: int) -> list:
 
 
 def main():
-    """Rebuild the toy world and measure its base model: the numbers the R-Zero run starts from."""
+    """Rebuild a toy world from scratch (this machine's own) and measure its base model, or measure a world folder."""
     import argparse
 
     import sample
@@ -420,13 +421,18 @@ def main():
     from transformers import AutoTokenizer
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--no-rebuild", action="store_true", help="measure the cached world instead of rebuilding it")
+    ap.add_argument("--seed", type=int, default=ToyConfig.seed, help="pretraining seed (the shipped world's: default)")
+    ap.add_argument("--measure", help="measure this world folder (toy: the shipped one) instead of rebuilding")
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--k", type=int, default=10)
     a = ap.parse_args()
-    path = toy_path(rebuild=not a.no_rebuild)
+    from runtime import resolve_model
+    path = resolve_model(a.measure) if a.measure else toy_path(rebuild=True, cfg=ToyConfig(seed=a.seed))
     with open(os.path.join(path, "toy.json")) as f:
         print(f"{path}: {json.load(f)}")
+    if not a.measure:  # pretraining is chaotic: the CPU's float kernels decide which model comes out
+        print(f"This world is this machine's own; `--model toy` is the shipped one everywhere (sha256 "
+              f"{WORLD_SHA256[:12]}...). R-Zero on this one: python train.py --model {path}")
     tok, model = AutoTokenizer.from_pretrained(path), Transformer.from_pretrained(path).eval()
     t0 = time.time()
     res = heldout_accuracy(model, tok, heldout_problems(a.problems), k=a.k)

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -50,7 +50,7 @@ from runtime import (barrier, export, frozen, gather, init_distributed, load_sta
 class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOConfig):
     """R-Zero's loop"""
     # -- the loop (Algorithm 1)
-    model: str = "toy"  # the base model: a Hugging Face folder, a hub id, or "toy" (the embedded toy world)
+    model: str = "toy"  # the base model: a Hugging Face folder, a hub id, or "toy" (toy_world/, the one that ships)
     out_dir: str = "runs/toy"  # the run folder (the same command resumes it)
     iterations: int = 3  # Challenger-dataset-Solver rounds (the paper: 3)
     seed: int = 0  # every sample is seeded from it, per item: the same samples on any number of ranks
@@ -124,10 +124,11 @@ PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updat
              activation_checkpointing=True)
 PRESETS = {
     # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32. With more
-    # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README).
-    "toy": dict(model="toy", out_dir="runs/toy", challenger_steps=5, challenger_prompts=32, challenger_group=4,
-                challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160, n_problems=272,
-                solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
+    # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README). On the
+    # CPU even where a GPU is: the world and its tables are measured in float32 there.
+    "toy": dict(model="toy", out_dir="runs/toy", device="cpu", challenger_steps=5, challenger_prompts=32,
+                challenger_group=4, challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160,
+                n_problems=272, solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
                 challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=8, memory_budget_gb=1.0,
                 expected_new_tokens=0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),
@@ -148,7 +149,7 @@ def parse_config(argv=None) -> TrainConfig:
                           epilog="[the default (the paper's), and the toy preset's value where it differs]")
 
 
-def step_seed(c, it, stream, step):  # stream: 1-5, one per kind of sample (see the phases)
+def step_seed(c, it, stream, step):  # stream 1-5: the kinds of sample, in the loop's order
     return (((c.seed * 1000 + it) * 10 + stream) * 100_000 + step) * 1_000_000  # + item index < 1e6
 
 
@@ -288,10 +289,10 @@ def dataset_phase(run, it, challenger_path, solver_path):
         mine, prompt = share(c.n_problems), challenger.challenger_prompt(run.tok)  # one prompt object: one prefill
         with run.clock(Phase.dataset), on_device(frozen(challenger_path, run.device, run.dtype), run.device) as w:
             outs = generate(run, w, [prompt] * len(mine), 1, c.challenger_max_new_tokens, c.problem_top_p,
-                            seeds=[step_seed(c, it, 4, 0) + k for k in mine])
+                            seeds=[step_seed(c, it, 3, 0) + k for k in mine])
         questions = gather([challenger.parse_question(row[0].text) for row in outs])
     with run.clock(Phase.dataset):
-        votes, _ = vote(run, frozen(solver_path, run.device, run.dtype), questions, seed=step_seed(c, it, 5, 0))
+        votes, _ = vote(run, frozen(solver_path, run.device, run.dtype), questions, seed=step_seed(c, it, 4, 0))
     records, counts = solver.build_dataset(questions, votes, c)
     if c.labels == "oracle":  # the lab's ceiling: the same kept problems, labelled by the checker, not the vote
         records = report.toy_world(run.base).oracle_labels(records)
@@ -332,7 +333,7 @@ def solver_phase(run, it, prev_solver, records):
         prompts = [solver.solver_prompt(run.tok, r["problem"]) for r in problems]
         with run.clock(Phase.solver_rollouts):
             outs = generate(run, sampling_copy(model, run.device, run.dtype), prompts, G, c.solver_max_new_tokens,
-                            c.solver_top_p, seeds=[step_seed(c, it, 3, step) + g for g in mine])
+                            c.solver_top_p, seeds=[step_seed(c, it, 5, step) + g for g in mine])
         t1 = time.time()
         rewards = [solver.solver_reward(x.text, r["pseudo_label"]) for r, row in zip(problems, outs) for x in row]
         with run.clock(Phase.solver_update):
@@ -374,8 +375,7 @@ def main(argv=None):
             argv = sys.argv[1:] if argv is None else list(argv)
             if "--plan" in argv:  # print the memory plan (memory.py) and stop
                 pc, rest = parse_settings(memory.PlanConfig, [a for a in argv if a != "--plan"], known=True)
-                c = parse_config(rest)
-                return memory.main(replace(c, model=report.resolve(c.model)) if c.model == "toy" else c, pc)
+                return memory.main(parse_config(rest), pc)
             c = parse_config(argv)
             run = Run(c, *report.preflight(c))
             open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)

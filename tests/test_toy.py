@@ -9,6 +9,7 @@ import challenger
 import grader
 import solver
 import toy
+from runtime import TOY_WORLD
 
 TINY = toy.ToyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, steps=3, batch_size=4, seq_len=64, warmup=1)
@@ -181,9 +182,34 @@ def test_challenger_and_solver_documents_draw_levels_by_their_own_weights(tiny_t
 
 def test_cache_key_follows_prompts_and_settings(monkeypatch):
     key = toy.cache_key(TINY)
-    assert toy.cache_key(TINY) == key and toy.cache_key(toy.ToyConfig(seed=1)) != toy.cache_key(toy.ToyConfig())
+    assert toy.cache_key(TINY) == key and toy.cache_key(toy.ToyConfig(seed=2)) != toy.cache_key(toy.ToyConfig())
     monkeypatch.setattr(solver, "SOLVER_SYSTEM", solver.SOLVER_SYSTEM + " ")
     assert toy.cache_key(TINY) != key
+
+
+def test_the_shipped_world_is_the_one_the_readme_describes():
+    """toy_world/ (what --model toy loads, on every machine): its weights' checksum is toy.WORLD_SHA256, which the
+    README names; it loads as a checkpoint; its base model's numbers ship beside it and are the README's base row."""
+    import hashlib
+    import json
+    import re
+
+    from model import Transformer
+    from runtime import resolve_model
+    from transformers import AutoTokenizer
+
+    assert resolve_model("toy") == TOY_WORLD
+    with open(os.path.join(TOY_WORLD, "model.safetensors"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == toy.WORLD_SHA256
+    with open(os.path.join(os.path.dirname(TOY_WORLD), "README.md")) as f:
+        readme = f.read()
+    assert toy.WORLD_SHA256 in readme
+    tok, model = AutoTokenizer.from_pretrained(TOY_WORLD), Transformer.from_pretrained(TOY_WORLD)
+    assert model.num_params() < 1_000_000 and tok.decode(tok.encode("What is 379 * 4?")) == "What is 379 * 4?"
+    with open(os.path.join(TOY_WORLD, "measure-512-4-160-cpu-float32.json")) as f:
+        base = json.load(f)
+    row = re.search(r"\nbase +- +- +- +- +- +([0-9.]+) +([0-9.]+)\n", readme)
+    assert row and (row[1], row[2]) == (f"{base['greedy']:.3f}", f"{base['mean_at_k']:.3f}")
 
 
 def test_toy_path_builds_once(tmp_path, monkeypatch):

@@ -347,9 +347,9 @@ def test_dataset_phase_writes_questions_and_dataset_once(fake_run):
     chal, answers = calls
     assert chal["model"] == ("frozen", "iter1/challenger") and chal["n"] == 1
     assert chal["prompts"] == [train.challenger.challenger_prompt(run.tok)] * 6  # one sample per problem
-    assert chal["seed"] == [train.step_seed(run.c, 1, 4, 0) + k for k in range(6)] and chal["top_p"] == 0.9
+    assert chal["seed"] == [train.step_seed(run.c, 1, 3, 0) + k for k in range(6)] and chal["top_p"] == 0.9
     assert chal["max_new_tokens"] == 12 and chal["temperature"] == 0.7
-    assert answers["model"] == ("frozen", "frozen solver") and answers["seed"][0] == train.step_seed(run.c, 1, 5, 0)
+    assert answers["model"] == ("frozen", "frozen solver") and answers["seed"][0] == train.step_seed(run.c, 1, 4, 0)
     assert len(answers["prompts"]) == 4  # the 4 parsable questions
     assert records == [dict(problem=Q_A, pseudo_label="2", p=0.5)] * 2
     with open(run.path("iter1", "questions.json")) as f:
