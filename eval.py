@@ -38,7 +38,7 @@ import sample
 import solver
 import toy
 from model import Transformer, check_folder
-from runtime import (device_and_dtype, gather, init_distributed, parse_settings, print0, rank, resolve_model, share,
+from runtime import (device_and_dtype, gather, init_distributed, parse_settings, print0, rank, resolve_model, world,
                      write_text)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -65,7 +65,7 @@ class EvalConfig:
     question_field: str | None = None  # the question's field, where it is neither problem nor question
     answer_field: str | None = None  # the reference answer's field, where the usual ones are absent
     limit: int = 0  # the first N problems of each benchmark (0 = all; toy: 512)
-    seed: int = 0  # of the sampled responses
+    seed: int = 0  # problem i's responses are seeded seed + i (the same on any number of ranks)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
     memory_budget_gb: float = 8.0  # KV-cache pages a sampling call may allocate
@@ -244,23 +244,24 @@ def prompt_ids(tokenizer, kind, question, raw=False):
 
 
 def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
-    """Per-problem records of one model on one benchmark (every rank returns all of them)."""
+    """Per-problem records of one model on one benchmark (every rank returns all of them). The problems are dealt
+    out in turn (files are ordered by difficulty), each seeded by its index: the same samples on any number of ranks."""
     k, r = k_of(bench, cfg), rank()
-    mine = share(len(bench.questions))  # this rank's slice of the problems
+    mine = range(r, len(bench.questions), world())
     prompts = [prompt_ids(tokenizer, bench.kind, bench.questions[i], cfg.raw_prompt) for i in mine]
     math = bench.kind == "math"
     outs = sample.generate(
         model, prompts, n=k, max_new_tokens=cfg.max_new_tokens if math else cfg.general_max_new_tokens,
         temperature=cfg.temperature if k > 1 else 0.0, top_p=cfg.top_p if k > 1 else 1.0, tokenizer=tokenizer,
         eos_ids=sample.eos_ids_of(tokenizer), stop_strings=(RAW_STOP,) if cfg.raw_prompt and math else (),
-        seed=cfg.seed + 1000 * r, memory_budget=int(cfg.memory_budget_gb * 2**30), progress=r == 0) if prompts else []
+        seed=[cfg.seed + i for i in mine], memory_budget=int(cfg.memory_budget_gb * 2**30), progress=r == 0) if prompts else []
     records = []
     for i, p, row in zip(mine, prompts, outs):
         responses = [c.text for c in row]
         answers, correct = map(list, zip(*(grade(bench.kind, t, bench.references[i]) for t in responses)))
         records.append(dict(id=i, prompt=tokenizer.decode(p), reference=bench.references[i], responses=responses,
                             answers=answers, correct=correct, score=sum(correct) / k))
-    return gather(records)
+    return sorted(gather(records), key=lambda rec: rec["id"])
 
 
 def table(results, benches, cfg, cell, avgs=()):
@@ -334,9 +335,10 @@ def run(cfg: EvalConfig):
 
 
 def main(argv=None):
-    init_distributed()
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        init_distributed(device_and_dtype(cfg.device, cfg.dtype)[0])
+        run(cfg)
     except (ValueError, FileNotFoundError) as e:
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr)

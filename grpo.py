@@ -254,6 +254,8 @@ def train_step(model, optimizer, rollout, ref, cfg, updates):
     t0 = time.perf_counter()
     if ref is not None and cfg.kl_coef > 0:
         rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)
+        if hasattr(ref, "reshard"):  # FSDP2 keeps a root gathered for a backward, which a reference never runs
+            ref.reshard()
     parts = split(rollout, updates)
     for part in parts[1:]:
         part.old_logp = rollout_logprobs(model, part.input_ids, part.completion_mask, cfg)

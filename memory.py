@@ -58,6 +58,7 @@ class PlanConfig:
     """the memory plan (train.py --plan)"""
     shape: str = ""  # config.json fields as JSON, instead of the model's
     gpus: int = 8  # ranks (torchrun processes); a real run uses its own
+    gpus_per_node: int = 8  # ranks that share a node's host memory
     reserve_gb: float = 2.0  # of each GPU's memory (--gpu-memory-gb): CUDA context, NCCL buffers, allocator slack
     challenger_prompt_tokens: int = 200  # the Challenger prompt in a real tokenizer's chat template
     solver_prompt_tokens: int = 150  # the Solver's system turn and a problem
@@ -103,7 +104,8 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     # the trained model's fp32 shards (gradients only in the update) and the reference's, in every training phase
     trained = dict(weights=4 * P / W, optimizer=8 * P / W, reference=b * P / W)
     replica = b * P  # a full copy in the compute dtype
-    sampler = replica if W > 1 or b != 4 else 0  # one process in float32 samples from the trained model itself
+    fsdp = cuda or W > 1  # FSDP2 on every GPU run and under torchrun
+    sampler = replica if fsdp or b != 4 else 0  # one CPU process in float32 samples from the trained model itself
     parked = 0 if cuda else replica  # on CPU, a model "off the GPU" is still in the same memory
     rows, phases = {}, {}
 
@@ -121,9 +123,10 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
         saved = n * (s.hidden_size * b * s.num_hidden_layers + act_bytes(s, b)) if c.activation_checkpointing else \
             n * act_bytes(s, b) * s.num_hidden_layers
         block = n * b * (s.intermediate_size + s.hidden_size)
-        gathered = (2 * Pb * b + s.vocab_size * s.hidden_size * (b + 4)) if W > 1 else 0  # blocks; root + its grad
-        return dict(gradients=4 * P / W, fsdp_gathered=gathered, batch=seqs * T * 17, activations=saved + block,
-                    logprob_chunk=min(c.logprob_chunk, n) * s.vocab_size * LOGIT_BYTES)
+        gathered = (2 * Pb * b + s.vocab_size * s.hidden_size * (b + 4)) if fsdp else 0  # blocks; root + its grad
+        reduce = 4 * Pb if fsdp and b == 2 else 0  # a block's bf16 gradients cast to fp32 for the reduce-scatter
+        return dict(gradients=4 * P / W, fsdp_gathered=gathered, fsdp_reduce_scatter=reduce, batch=seqs * T * 17,
+                    activations=saved + block, logprob_chunk=min(c.logprob_chunk, n) * s.vocab_size * LOGIT_BYTES)
 
     G, m, ch_jobs = c.challenger_group, c.m_answers, c.challenger_prompts * c.challenger_group // W
     cT, sT = pc.challenger_prompt_tokens + c.challenger_max_new_tokens, pc.solver_prompt_tokens + c.solver_max_new_tokens
@@ -211,7 +214,11 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
         print(f"| {k.replace('_', ' ')} | " + " | ".join(f"{v / GiB:.2f}" for v in vals) + " |")
     print("rows in flight: " + ", ".join(f"{k} {v}" for k, v in rows.items()) +
           f" (at {c.expected_new_tokens or 'max'} new tokens per completion)")
-    if cuda:
+    if cuda:  # each rank parks a replica (the voting Solver or the dataset's Challenger) in host memory
+        replica, ranks = (2 if c.dtype != "float32" else 4) * n_params(s)[0], min(pc.gpus, pc.gpus_per_node)
+        print(f"host memory per node: {(ranks * replica + 5e9) / GiB:.1f} GiB ({ranks} ranks x a parked replica of "
+              f"{replica / GiB:.1f} GiB, and rank 0's export shard of at most 5 GB); loading reads each rank's shard "
+              f"of the checkpoint only, and checkpoints are written and read by shards")
         dec, tr = hours_per_iteration(c, s, pc, rows, pc.gpus)
         print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
               f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
@@ -228,15 +235,17 @@ def check(c, folder, world, device, challenger_prompt_tokens):
 
 
 def profile(c, folder, world, cuda, prompt_tokens, seconds, peaks):
-    """--profile: each phase's time and measured peak (peaks: one dict per rank, the largest counts) beside the plan
-    -> (the table's lines, profile.json's content). prompt_tokens: (Challenger, longest Solver prompt)."""
+    """--profile: each phase's time and measured peak (peaks: one {phase: (allocated, reserved)} per rank, the largest
+    counts; CUDA's allocator reserves more than it allocates) beside the plan -> (the table's lines, profile.json's
+    content). prompt_tokens: (Challenger, longest Solver prompt)."""
     pc = PlanConfig(gpus=world, challenger_prompt_tokens=prompt_tokens[0], solver_prompt_tokens=prompt_tokens[1])
     phases, rows = plan(c, shape_of(dataclasses.replace(c, model=folder)), pc, cuda=cuda)
-    table = {k: dict(seconds=seconds.get(k, 0.0), peak=max(p.get(k, 0) for p in peaks),
-                     plan=sum(phases[k].values())) for k in phases if any(k in p for p in peaks)}
-    lines = [f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}"]
-    lines += [f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}"
-              f"{t['peak'] / t['plan']:11.2f}" for k, t in table.items()]
+    table = {k: dict(seconds=seconds.get(k, 0.0), peak=max(p.get(k, (0, 0))[0] for p in peaks),
+                     reserved=max(p.get(k, (0, 0))[1] for p in peaks), plan=sum(phases[k].values()))
+             for k in phases if any(k in p for p in peaks)}
+    lines = [f"{'phase':22}{'seconds':>10}{'peak MiB':>12}{'plan MiB':>12}{'peak/plan':>11}" + " reserved MiB" * cuda]
+    lines += [f"{k:22}{t['seconds']:10.1f}{t['peak'] / 2**20:12.1f}{t['plan'] / 2**20:12.1f}{t['peak'] / t['plan']:11.2f}"
+              + f"{t['reserved'] / 2**20:13.1f}" * cuda for k, t in table.items()]
     return lines, dict(phases=table, plan=phases, rows=rows)
 
 
@@ -272,8 +281,8 @@ def _census():
 
 
 class peak_memory(TorchDispatchMode):
-    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted).
-    CUDA: max_memory_allocated. CPU: a census, then each storage an op creates counts until its Python handle (which
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted), and
+    m.reserved. CUDA: max_memory_allocated and max_memory_reserved. CPU (reserved = bytes): a census, then each storage an op creates counts until its Python handle (which
     lives as long as it) is finalized, on any thread (torch.profiler misses gloo's frees); FSDP resizes too. Slow."""
 
     def __init__(self, device):
@@ -318,8 +327,8 @@ class peak_memory(TorchDispatchMode):
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated()
+            self.bytes, self.reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             return False
         torch.UntypedStorage.resize_ = self._resize
-        self.sizes = {}  # finalizers still pending find nothing to subtract
+        self.sizes, self.reserved = {}, self.bytes  # finalizers still pending find nothing to subtract
         return super().__exit__(*exc)

@@ -298,14 +298,7 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"model folder {path!r} does not exist")
         hf = read_config(path)
         cfg = ModelConfig.from_hf(hf)
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"model folder {path!r} has no model.safetensors or model.safetensors.index.json")
+        files = sorted(set(weight_files(path).values()))
         if dtype is None:
             name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
             dtype = getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
@@ -313,11 +306,11 @@ class Transformer(nn.Module):
         sd = {}
         for file in files:
             try:
-                with safetensors.safe_open(os.path.join(path, file), framework="pt", device=str(device)) as f:
+                with safetensors.safe_open(file, framework="pt", device=str(device)) as f:
                     sd |= {key.removeprefix("model."): f.get_tensor(key).to(dtype) for key in f.keys()
                            if not (cfg.tie_word_embeddings and key == "lm_head.weight")}  # tied: never read twice
             except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
-                raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
+                raise ValueError(f"cannot read weights file {file!r}: {e}") from None
         try:
             return cls.from_state_dict(cfg, sd, hf, dtype, device)
         except ValueError as e:
@@ -342,23 +335,64 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg, model.embed_tokens.weight.device)
         return model
 
-    def save_pretrained(self, path, state_dict=None):
-        """Writes config.json + model.safetensors that transformers loads. state_dict: a full (gathered) one (FSDP),
-        default this module's own. Not atomic: callers write a fresh temporary folder and rename it."""
-        os.makedirs(path, exist_ok=True)
-        sd = state_dict if state_dict is not None else self.state_dict()
-        tensors = {self.hf_name(k): v.detach().contiguous().cpu() for k, v in sd.items()}
-        if self.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases
+    def save_pretrained(self, path, write=True, max_shard_bytes=5 * 10**9):
+        """Writes config.json and the weights as transformers does: model.safetensors, or shards of at most
+        max_shard_bytes with model.safetensors.index.json. Streamed: the shards are planned from sizes first, and an
+        FSDP2 model's weights are gathered one at a time, so no rank holds the whole model (every rank calls this;
+        only those with `write` write). Not atomic: callers write a fresh temporary folder and rename it."""
+        sd = {k: v for k, v in self.state_dict().items() if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        shards, size = [[]], 0  # a tied head is the embedding's tensor: safetensors refuses aliases
+        for k, v in sd.items():
+            if shards[-1] and size + v.numel() * v.element_size() > max_shard_bytes:
+                shards, size = shards + [[]], 0
+            shards[-1].append(k)
+            size += v.numel() * v.element_size()
+        names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        names = names if len(shards) > 1 else ["model.safetensors"]
+        for name, keys in zip(names, shards):
+            full = {self.hf_name(k): sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k] for k in keys}
+            if write:
+                save_file({k: v.detach().contiguous().cpu() for k, v in full.items()}, os.path.join(path, name))
+        if not write:
+            return
+        if len(shards) > 1:
+            weight_map = {self.hf_name(k): name for name, keys in zip(names, shards) for k in keys}
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
         hf = dict(self.hf_config) or self.config.to_hf()
-        hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        hf["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
         hf.pop("torch_dtype", None)
-        safetensors.torch.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() lists a tied weight once
+
+
+UMASK = os.umask(0o022)  # the umask files get: safetensors writes 0600 whatever it is (a temporary file, renamed)
+os.umask(UMASK)
+
+
+def save_file(tensors, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~UMASK)
+
+
+def weight_files(path) -> dict:
+    """{checkpoint key: its file} of a model folder: model.safetensors.index.json's map, or one model.safetensors."""
+    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"model folder {path!r} has no model.safetensors or model.safetensors.index.json")
+    try:
+        with safetensors.safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
+        raise ValueError(f"cannot read weights file {single!r}: {e}") from None
 
 
 def read_config(path) -> dict:  # a model folder's config.json

@@ -14,7 +14,7 @@ import eval
 import memory
 from memory import Phase
 from model import check_folder
-from runtime import (append_row, barrier, device_and_dtype, gather, print0, rank, read_json, resolve_model, world,
+from runtime import (append_row, device_and_dtype, gather, on_rank0, print0, rank, read_json, resolve_model, world,
                      write_text)
 
 
@@ -55,8 +55,8 @@ class Clock:
             yield
         self.current = outer
         self.add(name, time.time() - t0)
-        if m is not None:
-            self.peaks[name] = max(self.peaks.get(name, 0), m.bytes)
+        if m is not None:  # (allocated, reserved) bytes
+            self.peaks[name] = tuple(max(a, b) for a, b in zip(self.peaks.get(name, (0, 0)), (m.bytes, m.reserved)))
 
     def add(self, name, seconds):
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -134,14 +134,18 @@ def toy_world(folder):
 
 
 def measure(run, name, solver_path):
-    """toy.measure of the base or an iteration, once (rank 0, kept in the run folder); {} without a toy world."""
+    """toy.measure of the base or an iteration, once (by rank 0, kept in the run folder; every rank gets rank 0's
+    numbers); {} without a toy world."""
     if not (toy := toy_world(run.base)) or run.c.eval_problems == 0:
         return {}
     out = run.path(name, "measure.json") if name != "base" else run.path("base_measure.json")
     # the base model's numbers are the world's: kept beside it, so the next run on this world reuses them
     key = (run.c.eval_problems, run.c.eval_k, run.c.solver_max_new_tokens, run.device.type, run.dtype)
     kept = os.path.join(run.base, "measure-" + "-".join(str(x).removeprefix("torch.") for x in key) + ".json")
-    if not os.path.isfile(out) and rank() == 0:
+
+    def once():
+        if os.path.isfile(out):
+            return read_json(out)
         if name == "base" and os.path.isfile(kept):
             res = read_json(kept)
         else:
@@ -153,8 +157,8 @@ def measure(run, name, solver_path):
                     write_text(f"{kept}.{os.getpid()}", json.dumps(res))
                     os.replace(f"{kept}.{os.getpid()}", kept)
         write_text(out, json.dumps(res))
-    barrier()
-    return read_json(out)
+        return res
+    return on_rank0(once)
 
 
 def benchmarks(run, name, solver_path):
@@ -164,15 +168,14 @@ def benchmarks(run, name, solver_path):
         return None
     out = run.path("base_eval") if name == "base" else run.path(name, "eval")
     done = os.path.join(out, "results.json")
-    asked = read_json(done)["config"] if os.path.isfile(done) else None
+    asked = on_rank0(lambda: read_json(done)["config"] if os.path.isfile(done) else None)
     if asked is None or (asked["data"], asked["limit"]) != ([c.eval_data], c.eval_limit):
         cfg = eval.EvalConfig(model=[solver_path], data=[c.eval_data], out=out, limit=c.eval_limit, device=c.device,
                               dtype=c.dtype, general_max_new_tokens=2 * c.solver_max_new_tokens,
                               max_new_tokens=c.solver_max_new_tokens, memory_budget_gb=c.memory_budget_gb)
         with run.clock("benchmarks"):
             eval.run(cfg)
-    barrier()
-    (res,) = read_json(done)["results"].values()
+    (res,) = on_rank0(read_json, done)["results"].values()
     return res
 
 
@@ -200,7 +203,8 @@ def finish(run):
     c, total = run.c, time.time() - run.clock.t0
     its = range(1, c.iterations + 1)
     rows = [("base", measure(run, "base", run.base))]
-    rows += [(f"iter {i}", iteration_row(run, i) | measure(run, f"iter{i}", run.path(f"iter{i}", "solver"))) for i in its]
+    rows += [(f"iter {i}", on_rank0(iteration_row, run, i) | measure(run, f"iter{i}", run.path(f"iter{i}", "solver")))
+             for i in its]
     measured = toy_world(run.base).columns(c.eval_k) if toy_world(run.base) and c.eval_problems else []
     summary(rows, [("chal. reward", 13, "reward", "{:.3f}"), ("kept", 12, "kept", "{}")] + measured)
     if c.eval_data:

@@ -16,19 +16,38 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import MISSING, fields
+from datetime import timedelta
 
+import safetensors
 import torch
 import torch.distributed as dist
 
-from model import Transformer
+from model import ModelConfig, Transformer, read_config, rope_inv_freq, weight_files
 
 
-def init_distributed():
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+OBJECTS = None  # the gloo group of object collectives and barriers (init_distributed)
+warnings.filterwarnings("ignore", "torch.distributed is disabled")  # torch.distributed.checkpoint in one process
+
+
+def init_distributed(device, minutes=180):
+    """The process group, chosen from the run's resolved device: on CUDA, NCCL bound to this rank's GPU (gloo beside
+    it for CPU tensors), a group of one without torchrun, so 1 and N GPUs run the same FSDP2 code; on the CPU, gloo
+    under torchrun, none without. Object collectives and barriers go through OBJECTS, a gloo group of their own:
+    they wait on rank-0 work (a save, a measure) off the GPU's collectives. A rank that waits `minutes` for the
+    others ends the run (NCCL's default, 10, is shorter than a phase's rollouts can differ across ranks)."""
+    global OBJECTS
+    if dist.is_initialized() or (device.type == "cpu" and "RANK" not in os.environ):
+        return
+    timeout, alone = timedelta(minutes=minutes), "RANK" not in os.environ
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout,
+                                **dict(store=dist.HashStore(), rank=0, world_size=1) if alone else {})
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    OBJECTS = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def rank():
@@ -40,8 +59,25 @@ def world():
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if world() > 1:
+        dist.barrier(group=OBJECTS)
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0, its value (or its exception) on every rank: a decision every rank takes alike, such as
+    whether a file exists on a shared folder that another node sees later."""
+    if world() == 1:
+        return fn(*args)
+    box = [None]
+    if rank() == 0:
+        try:
+            box[0] = (True, fn(*args))
+        except Exception as e:
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0, group=OBJECTS)
+    if not box[0][0]:
+        raise box[0][1]
+    return box[0][1]
 
 
 def print0(*a):
@@ -61,7 +97,7 @@ def my_share(items):
 def gather(items):
     parts = [list(items)] * world()
     if world() > 1:
-        dist.all_gather_object(parts, parts[0])
+        dist.all_gather_object(parts, parts[0], group=OBJECTS)
     return [x for part in parts for x in part]
 
 
@@ -115,9 +151,16 @@ def resolve_model(name):
         return name
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {name!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    get = lambda local: snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                                          local_files_only=local)
+    with contextlib.suppress(Exception):  # one download per node; a failure is every rank's, below
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            get(False)
+    barrier()
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        return get(True)
     except Exception as e:
         raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the hub "
                                 f"({type(e).__name__})") from None
@@ -144,6 +187,13 @@ def write_text(path, text):
         f.write(text)
 
 
+def read_jsonl(path):
+    """The rows of a JSON Lines file, or None if there is no such file."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -152,11 +202,8 @@ def read_json(path):
 def open_run_folder(out_dir, settings: dict, may_differ=()):
     """New: write config.json and an empty metrics.jsonl. Existing (a resume): same settings but for `may_differ`."""
     cfg_file = os.path.join(out_dir, "config.json")
-    exists = os.path.isfile(cfg_file)
-    barrier()  # every rank looks before rank 0 writes, so all take the same branch (and reach the same barriers)
-    if exists:
-        with open(cfg_file) as f:
-            theirs = json.load(f)
+    theirs = on_rank0(lambda: read_json(cfg_file) if os.path.isfile(cfg_file) else None)  # every rank: one branch
+    if theirs is not None:
         diff = sorted(k for k in settings | theirs if k not in may_differ and settings.get(k) != theirs.get(k))
         if diff:
             raise ValueError(f"run folder {out_dir!r} holds a run with other settings ({', '.join(diff)}); "
@@ -181,13 +228,36 @@ def append_row(path, row: dict, key):
 # ------------------------------------------------------------------------------------------ where models live
 
 def shard(model, dtype):
-    """FSDP2 under torchrun: each block is a unit (gathered for its forward and backward only), then the root."""
-    if world() > 1:
+    """FSDP2 wherever there is a process group (every CUDA run; torchrun on the CPU): each block a unit, gathered for
+    its forward and backward only, then the root (kept gathered after its forward, for the backward: a reference,
+    which runs none, frees it by hand, grpo.train_step)."""
+    if dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for unit in [*model.layers, model]:
             fully_shard(unit, mp_policy=mp)
+    return model
+
+
+def load_sharded(path, device, param_dtype, dtype):
+    """A model built on the meta device, sharded, then each rank filling its shards with the rows of the checkpoint
+    it keeps (safetensors reads slices): no rank reads or holds the whole model."""
+    from torch.distributed.tensor import Shard
+
+    hf = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_hf(hf), hf).to(param_dtype)
+    shard(model, dtype).to_empty(device=device)  # each rank allocates its shards only
+    files, names = weight_files(path), dict(model.named_parameters())  # lists a tied weight once
+    if missing := sorted(set(map(Transformer.hf_name, names)) - set(files))[:5]:
+        raise ValueError(f"checkpoint {path!r}: weights do not match a {model.config.model_type} model: missing {missing}")
+    with torch.no_grad():
+        for name, p in names.items():
+            n, start = Shard.local_shard_size_and_offset(p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank())
+            with safetensors.safe_open(files[Transformer.hf_name(name)], framework="pt") as f:
+                p.to_local().copy_(f.get_slice(Transformer.hf_name(name))[start:start + n])
+    model.inv_freq = rope_inv_freq(model.config, device)  # a buffer to_empty left unset
     return model
 
 
@@ -199,19 +269,22 @@ def free_memory(device):
 
 
 def trainable(path, device, dtype, checkpoint_blocks=False):
-    """fp32 master weights, sharded under torchrun; checkpoint_blocks: recompute each block in backward."""
+    """fp32 master weights, FSDP2-sharded where there is a process group; checkpoint_blocks: recompute each block in
+    backward."""
     free_memory(device)
-    model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    model = load_sharded(path, device, torch.float32, dtype) if dist.is_initialized() else \
+        Transformer.from_pretrained(path, dtype=torch.float32, device=device)
     model.checkpoint_blocks = checkpoint_blocks
-    return shard(model, dtype)
+    return model
 
 
 def frozen(path, device, dtype, reference=False):
     """A model without grads in the compute dtype: the reference sharded, a sampling replica parked in CPU memory."""
     free_memory(device)
-    dev = device if reference or device.type == "cpu" else "cpu"
-    model = Transformer.from_pretrained(path, dtype=dtype, device=dev).eval().requires_grad_(False)
-    return shard(model, dtype) if reference else model
+    if reference and dist.is_initialized():
+        return load_sharded(path, device, dtype, dtype).eval().requires_grad_(False)
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device if device.type == "cpu" else "cpu")
+    return model.eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
@@ -228,8 +301,8 @@ def on_device(model, device):
 
 def sampling_copy(model, device, dtype):
     """The trained model as a plain module to decode with: each weight cast on its shard, then gathered (no full
-    fp32 copy). One process in float32 samples from the model itself."""
-    if world() == 1 and dtype == torch.float32:
+    fp32 copy). One process in float32 on the CPU samples from the model itself."""
+    if not dist.is_initialized() and dtype == torch.float32:
         return model
     tied = model.config.tie_word_embeddings
     sd = {k: v.to(dtype) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
@@ -239,37 +312,42 @@ def sampling_copy(model, device, dtype):
 
 
 def export(model, tokenizer, path):
-    """The model as a Hugging Face folder with the tokenizer, written whole or not at all (rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # every rank takes part in gathering an FSDP model's weights; rank 0 gets them
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() == 0:
-        with atomic(path) as tmp:
-            Transformer.save_pretrained(model, tmp, state_dict=sd)
+    """The model as a Hugging Face folder with the tokenizer, written whole or not at all: every rank gathers the
+    weights one at a time, rank 0 writes them (Transformer.save_pretrained)."""
+    with atomic(path) if rank() == 0 else contextlib.nullcontext() as tmp:
+        Transformer.save_pretrained(model, tmp, write=rank() == 0)
+        if rank() == 0:
             tokenizer.save_pretrained(tmp)
     barrier()
 
 
 def save_state(path, model, opt, meta):
-    """The phase in progress after a completed step: model, optimizer, meta. Atomic: a crash leaves the previous one."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    """The phase in progress after a completed step, a torch.distributed.checkpoint folder: each rank writes its own
+    shards of the model and AdamW's state (nothing is gathered), rank 0 the meta and its RNG. Written beside the
+    previous one, then renamed over it: a crash leaves one or the other. N ranks' checkpoint loads on M ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank() == 0:
-        with atomic(path) as tmp:
-            torch.save(dict(model=msd, optim=osd, meta=meta, rng=torch.get_rng_state()), tmp)
+    msd, osd = get_state_dict(model, opt)
+    with atomic(path) if rank() == 0 else contextlib.nullcontext(path + ".tmp") as tmp:
+        barrier()  # rank 0 has cleared what a crash left at tmp
+        dcp.save(dict(model=msd, optim=osd), checkpoint_id=tmp, process_group=OBJECTS, no_dist=world() == 1)
+        if rank() == 0:
+            write_text(os.path.join(tmp, "meta.json"), json.dumps(meta | dict(rng=torch.get_rng_state().tolist())))
     barrier()
 
 
 def load_state(path, model, opt, meta):
-    """Loads the state saved at `path` into model and opt if its meta matches `meta` (the phase) -> its meta, or None."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Loads the state saved at `path` into model and opt if it is of phase `meta` -> its meta, or None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    st = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
-    if st is None or any(st["meta"][k] != v for k, v in meta.items()):
+    saved = on_rank0(lambda: read_json(os.path.join(path, "meta.json")) if os.path.isdir(path) else None)
+    if saved is None or any(saved[k] != v for k, v in meta.items()):
         return None
-    set_state_dict(model, opt, model_state_dict=st["model"], optim_state_dict=st["optim"],
-                   options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(st["rng"])
-    return st["meta"]
+    msd, osd = get_state_dict(model, opt)  # (a fresh AdamW's state is made here: only ever call it to load into)
+    sd = dict(model=msd, optim=osd)
+    dcp.load(sd, checkpoint_id=path, process_group=OBJECTS, no_dist=world() == 1)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    torch.set_rng_state(torch.tensor(saved.pop("rng"), dtype=torch.uint8))
+    return saved

@@ -17,6 +17,8 @@ iteration, the Challenger's reward samples m answers for each of 2,048 questions
 Returned log-probs are log softmax(logits / T) of the sampled token, before top-p / top-k truncation: the
 quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (greedy) they are at T = 1.
 """
+import sys
+import time
 from collections import deque
 from itertools import islice
 from dataclasses import dataclass
@@ -98,6 +100,28 @@ def sample_next(logits, temperature, top_p, top_k, u):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+class Progress:
+    """How far a sampling call is: a tqdm bar on a terminal, else (a torchrun log) a line every `every` seconds."""
+
+    def __init__(self, total, every=60.0):
+        self.bar = tqdm(total=total, desc="sampling", leave=False) if sys.stderr.isatty() else None
+        self.total, self.done, self.tokens, self.every, self.t0 = total, 0, 0, every, time.time()
+        self.last = self.t0
+
+    def update(self, tokens):
+        self.done, self.tokens = self.done + 1, self.tokens + tokens
+        if self.bar:
+            self.bar.update(1)
+        elif time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(f"sampling: {self.done}/{self.total} completions, {self.tokens / (self.last - self.t0):.0f} "
+                  f"tokens/s, {self.last - self.t0:.0f}s", flush=True)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
              stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
@@ -137,7 +161,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     next_logits = torch.zeros(B, model.config.vocab_size, device=dev)
     results = [[None] * n for _ in prompts]
     st = dict(rows=B, peak_rows=0, preempted=0, pages=pages)
-    bar = tqdm(total=len(jobs), desc="sampling", leave=False, disable=None) if progress else None  # None: on a tty
+    bar = Progress(len(jobs)) if progress else None
 
     def admit(rows):
         """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
@@ -205,7 +229,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
             text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
             results[i][j] = Completion(toks, out_lp[r, :c].tolist(), reason, text)
             if bar:
-                bar.update(1)
+                bar.update(len(toks))
         cache.release(finished)
         row_job[finished] = -1
         # the next forward writes each live row's token at slot row_pos: a row entering a new page takes one;

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import report
 from runtime import read_json, write_text
 
@@ -100,8 +102,8 @@ def finished(folder, args):
 
 def run_all(todo, jobs):
     """Runs train.py for each (arm, seed, folder, args), `jobs` at a time. Returns the runs that failed."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    running, failed = {}, []
+    threads, gpus = str(max(1, (os.cpu_count() or 1) // jobs)), torch.cuda.device_count()
+    running, failed, started = {}, [], 0
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -114,8 +116,11 @@ def run_all(todo, jobs):
                     print(f"{arm} seed {seed}: running in another sweep, skipped", flush=True)
                     failed.append((arm, seed, folder))
                     continue
+                env = dict(os.environ, OMP_NUM_THREADS=threads)
+                if gpus:  # a GPU each, in turn (each run would start on cuda:0); the toy preset's runs use the CPU
+                    env["CUDA_VISIBLE_DEVICES"], started = str(started % gpus), started + 1
                 p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], stdout=log,
-                                     stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=threads))
+                                     stderr=subprocess.STDOUT, env=env)
                 running[p] = (arm, seed, folder, log, time.time())
                 print(f"started {arm} seed {seed} ({len(todo)} waiting)", flush=True)
             time.sleep(1)

@@ -41,9 +41,9 @@ import report
 import sample
 import solver
 from memory import Phase
-from runtime import (barrier, export, frozen, gather, init_distributed, load_state, my_share, on_device,
-                     open_run_folder, parse_settings, print0, rank, sampling_copy, save_state, share, trainable, world,
-                     write_text)
+from runtime import (barrier, device_and_dtype, export, frozen, gather, init_distributed, load_state, my_share,
+                     on_device, on_rank0, open_run_folder, parse_settings, print0, rank, read_jsonl, sampling_copy,
+                     save_state, share, trainable, world, write_text)
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
     expected_new_tokens: int = 1024  # rows in flight are sized for completions this long (0: the token budget)
     activation_checkpointing: bool = False  # recompute each block in backward (the real presets: on, as the authors)
     gpu_memory_gb: float = 0.0  # memory a rank may use, which the plan is checked against (0: the GPU's; CPU: none)
+    timeout_minutes: int = 180  # a rank waiting this long for the others ends the run (rollouts differ; NCCL's: 10)
     profile: bool = False  # also measure each phase's peak tensor memory, and print it beside the memory plan
     # -- measuring (nothing trains on it): a world that knows the answers, and benchmark files
     eval_problems: int = 512  # toy world: held-out problems measured after every iteration (0: none)
@@ -112,10 +113,11 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
             check(value in allowed, f"--{name.replace('_', '-')} must be {listed}, got {value!r}")
         check(not (self.ttrl and self.shared_model), "--shared-model needs a Challenger, and --ttrl has none")
         check(self.eval_limit >= 0, "--eval-limit must be >= 0")
-        check(self.challenger_prompts % (world() * upd[0]) == 0,
-              f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {world() * upd[0]}")
-        check(self.solver_problems % (world() * upd[1]) == 0,
-              f"--solver-problems must be a multiple of ranks x --solver-updates = {world() * upd[1]}")
+        ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (the process group starts after the settings)
+        check(self.challenger_prompts % (ranks * upd[0]) == 0,
+              f"--challenger-prompts must be a multiple of ranks x --challenger-updates = {ranks * upd[0]}")
+        check(self.solver_problems % (ranks * upd[1]) == 0,
+              f"--solver-problems must be a multiple of ranks x --solver-updates = {ranks * upd[1]}")
 
 
 # The paper's settings are the TrainConfig defaults; its batch of 128 gives 4 updates per step in both phases. The
@@ -138,7 +140,7 @@ PRESETS = {
 }
 # may change on resume; a finished run given more --iterations goes on
 NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_tokens", "activation_checkpointing",
-                     "gpu_memory_gb", "profile", "iterations", "eval_data", "eval_limit")
+                     "gpu_memory_gb", "timeout_minutes", "profile", "iterations", "eval_data", "eval_limit")
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -209,9 +211,7 @@ def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates
     """GRPO on this rank's rollouts: assemble the batch, then the step's optimizer updates (grpo.py)."""
     pad = run.tok.pad_token_id if run.tok.pad_token_id is not None else sample.eos_ids_of(run.tok)[0]
     rollout, zero = grpo.assemble(prompts, [x.tokens for x in completions], rewards, group, pad, run.c, run.device)
-    cast = run.device.type == "cuda" and run.dtype != torch.float32 and world() == 1  # FSDP2 casts by itself
-    with torch.autocast("cuda", dtype=run.dtype, enabled=cast):
-        stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)
+    stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)  # on GPU, FSDP2 computes in bf16
     run.clock.add(f"{run.clock.current}: log-prob passes", stats.pop("logprob_pass_s"))
     run.clock.add(f"{run.clock.current}: GRPO updates", stats.pop("grpo_update_s"))
     lens = [len(x.tokens) for x in completions]
@@ -224,7 +224,7 @@ def start_phase(run, it, name, path):
     model = trainable(path, run.device, run.dtype, run.c.activation_checkpointing)
     ref = frozen(path, run.device, run.dtype, reference=True)
     opt = grpo.make_optimizer(model, run.c)
-    saved = load_state(run.path("state.pt"), model, opt, dict(iteration=it, phase=name))
+    saved = load_state(run.path("state"), model, opt, dict(iteration=it, phase=name))
     if saved:
         print0(f"resuming iteration {it} {name} phase after step {saved['step'] + 1}")
     return model, ref, opt, saved["step"] + 1 if saved else 0
@@ -232,7 +232,7 @@ def start_phase(run, it, name, path):
 
 def end_step(run, it, name, step, model, opt):
     with run.clock("saving"):  # before the step is logged: a logged step is a saved step
-        save_state(run.path("state.pt"), model, opt, dict(iteration=it, phase=name, step=step))
+        save_state(run.path("state"), model, opt, dict(iteration=it, phase=name, step=step))
 
 
 # ------------------------------------------------------------------------------------------ the three phases
@@ -241,7 +241,7 @@ def challenger_phase(run, it, prev_challenger, solver_path):
     """GRPO on the Challenger: each question is rewarded by the frozen Solver's uncertainty about it, less a penalty
     for questions like the others of the batch -> the new Challenger's folder."""
     c, G, out = run.c, run.c.challenger_group, run.path(f"iter{it}", "challenger")
-    if os.path.isdir(out):
+    if on_rank0(os.path.isdir, out):  # rank 0 decides, so every node takes the same branch
         return out
     model, ref, opt, first = start_phase(run, it, "challenger", prev_challenger)
     frozen_solver = frozen(solver_path, run.device, run.dtype)
@@ -279,9 +279,8 @@ def dataset_phase(run, it, challenger_path, solver_path):
     """The frozen Challenger writes N problems, the frozen Solver's vote labels them, the informative ones are kept:
     |p - 1/2| <= delta -> the kept records {problem, pseudo_label, p} (iter{i}/dataset.jsonl)."""
     c, out = run.c, run.path(f"iter{it}", "dataset.jsonl")
-    if os.path.isfile(out):
-        with open(out) as f:
-            return [json.loads(line) for line in f]
+    if (kept := on_rank0(read_jsonl, out)) is not None:
+        return kept
     t0 = time.time()
     if c.ttrl:  # TTRL: the same problems every iteration, from a file
         questions = eval.read_problems(c.ttrl)
@@ -311,7 +310,7 @@ def dataset_phase(run, it, challenger_path, solver_path):
 def solver_phase(run, it, prev_solver, records):
     """GRPO on the Solver: reward 1 when an answer's last \\boxed{} is the pseudo-label -> the new Solver's folder."""
     c, G, out = run.c, run.c.solver_group, run.path(f"iter{it}", "solver")
-    if os.path.isdir(out):
+    if on_rank0(os.path.isdir, out):
         return out
     model, ref, opt, first = start_phase(run, it, "solver", prev_solver)
     if len(records) < c.solver_problems:
@@ -368,7 +367,6 @@ def rzero(run):
 
 
 def main(argv=None):
-    init_distributed()
     code = 0
     try:
         try:
@@ -377,6 +375,7 @@ def main(argv=None):
                 pc, rest = parse_settings(memory.PlanConfig, [a for a in argv if a != "--plan"], known=True)
                 return memory.main(parse_config(rest), pc)
             c = parse_config(argv)
+            init_distributed(device_and_dtype(c.device, c.dtype)[0], c.timeout_minutes)
             run = Run(c, *report.preflight(c))
             open_run_folder(c.out_dir, asdict(c), NOT_RESULT_FIELDS)
         except (ValueError, FileNotFoundError) as e:

@@ -8,6 +8,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def pytest_configure(config):
+    """The CPU suite stays on the CPU on any host (its equalities are float32's; device=auto would pick a GPU), and so
+    do the runs it starts; `python -m pytest -m cuda tests` runs the GPU checks (tests/test_gpu.py) instead."""
+    config.addinivalue_line("markers", "cuda: a check that needs a CUDA GPU (python -m pytest -m cuda tests)")
+    if "cuda" not in (config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    if "cuda" not in (config.option.markexpr or ""):  # without -m cuda, the GPU checks do not run
+        skip = pytest.mark.skip(reason="a GPU check: python -m pytest -m cuda tests")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

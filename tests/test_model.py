@@ -153,6 +153,29 @@ def test_round_trip_through_transformers(ckpt, tmp_path):
         assert again.lm_head.weight.data_ptr() != again.embed_tokens.weight.data_ptr()
 
 
+def test_save_in_shards_with_an_index_and_the_umask(ckpt, tmp_path):
+    """Large models are written as transformers writes them: shards of at most max_shard_bytes and an index; both
+    transformers and from_pretrained read it back exactly; files get the umask's mode (safetensors alone gives 0600)."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf, idx, ref = ckpt
+    ours = Transformer.from_pretrained(path)
+    old = os.umask(0o022)
+    try:
+        ours.save_pretrained(str(tmp_path), max_shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    assert all(s.stat().st_size <= 40_000 + 10_000 or len(load_file(s)) == 1 for s in shards)  # + the header
+    assert {oct(s.stat().st_mode & 0o777) for s in [*shards, tmp_path / "config.json"]} == {"0o644"}
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert max_diff(logits_of(back, idx), logits_of(ours, idx)) <= TOL
+    assert torch.equal(logits_of(Transformer.from_pretrained(str(tmp_path)), idx), logits_of(ours, idx))
+
+
 def test_from_state_dict_equals_source(ckpt):
     """The plain copy train.py makes of a sharded model: same logits, tied again, with or without lm_head.weight."""
     path, hf, idx, ref = ckpt

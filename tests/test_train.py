@@ -3,7 +3,6 @@ round trip, torchrun with two ranks, kill-and-resume, and user mistakes."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -163,40 +162,6 @@ def test_kill_and_resume_gives_the_same_models(full_run, world, tmp_path):
     strip = lambda rows: [(m["phase"], m.get("step"), m.get("reward"), m.get("kept")) for m in rows]
     assert strip(metrics(out)) == strip(metrics(full_run[0]))
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-
-
-def test_torchrun_two_ranks_equals_one_process(world, tmp_path):
-    """gloo, FSDP2 over two CPU processes: sampling is seeded per item, not per rank, and each optimizer
-    update takes the same global block of the batch, so two ranks draw the same batches as one process and
-    the Challenger and the Solver after one step equal the single-process run's within float tolerance (at
-    lr 1e-2, Adam turns float noise on a few exactly-zero gradients into lr-sized steps; those are bounded).
-    The update itself is exact: test_grpo.py::test_fsdp_two_ranks_equal_one_process."""
-    one = tmp_path / "one"
-    r = run(train_cmd(world, one, "--solver-steps", "1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "ddp"
-    with socket.socket() as s:  # a free port, so parallel runs do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           *train_cmd(world, out, "--solver-steps", "1")[1:]]
-    r = run(cmd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = metrics(out)
-    assert [m["phase"] for m in rows] == ["challenger"] * 2 + ["dataset", "solver"]
-    assert [m.get("reward") for m in rows] == [m.get("reward") for m in metrics(one)]
-    from model import Transformer
-    base = Transformer.from_pretrained(world)
-    idx = torch.randint(0, base.config.vocab_size, (4, 20), generator=torch.Generator().manual_seed(0))
-    for name in ("iter1/challenger", "iter1/solver"):
-        a, b = Transformer.from_pretrained(str(out / name)), Transformer.from_pretrained(str(one / name))
-        diffs = torch.cat([(p - q).abs().flatten() for p, q in zip(a.parameters(), b.parameters())])
-        # Adam's first steps move an element by ~lr whatever its gradient's size, so float noise on a gradient
-        # that is ~0 flips its direction: allow a few elements, each at most 2 lr per step (lr 1e-2, <= 2 steps)
-        assert (diffs > 1e-3).float().mean() < 1e-2 and diffs.max() < 4 * 1e-2, name
-        with torch.no_grad():
-            moved, apart = (a(idx) - base(idx)).abs().max(), (a(idx) - b(idx)).abs().max()
-        assert apart < 0.05 * moved, (name, apart, moved)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,7 +1,8 @@
 """train.py with one fault injected, for tests/test_reliability.py. Usage: FAULT=... python faulty_train.py ARGS
 
 FAULT (environment):
-  save_state:N      the N-th torch.save writes half of its bytes to disk, then the process SIGKILLs itself
+  save_state:N      the N-th checkpoint save (torch.distributed.checkpoint.save) leaves half of its data file on
+                    disk, before the folder is renamed into place, then the process SIGKILLs itself
   save_weights:N    the N-th safetensors save_file leaves half of its file on disk, then SIGKILL
   slow_rank1        RANK=1 is late (a slow node): it prepares the run folder once RANK=0 waits in a barrier
   raise_on_rank1:N  as slow_rank1, and rank 1's N-th challenger.challenger_rewards call raises RuntimeError
@@ -9,7 +10,6 @@ FAULT (environment):
 Every mode audits reads: opening a *.tmp file for reading exits with code 99 (deleting a .tmp file or folder with
 shutil.rmtree, which opens it read-only to look inside, is no read).
 """
-import io
 import os
 import shutil
 import signal
@@ -21,7 +21,6 @@ sys.path.insert(0, ROOT)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
 
 import challenger  # noqa: E402
 import runtime  # noqa: E402
@@ -82,18 +81,17 @@ def audited_safe_open(path, *a, **k):  # Rust reads files without Python's audit
 safetensors.safe_open = audited_safe_open
 
 if mode == "save_state":
-    real_save = torch.save
+    import torch.distributed.checkpoint as dcp
+    real_save = dcp.save
 
-    def save(obj, f, *a, **k):
-        if not die_at_nth():
-            return real_save(obj, f, *a, **k)
-        buf = io.BytesIO()
-        real_save(obj, buf, *a, **k)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue())
-        kill_self(f, len(buf.getvalue()) // 2)
+    def save(state, *, checkpoint_id, **k):
+        out = real_save(state, checkpoint_id=checkpoint_id, **k)
+        if die_at_nth():
+            data = os.path.join(checkpoint_id, "__0_0.distcp")
+            kill_self(data, os.path.getsize(data) // 2)
+        return out
 
-    torch.save = save
+    dcp.save = save
 elif mode == "save_weights":
     real_save_file = safetensors.torch.save_file
 
