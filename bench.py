@@ -10,7 +10,10 @@ threads and inputs; medians of --repeats runs after a warm-up, ours and theirs i
 - rollout (R-Zero's shape): P prompts of different lengths x n samples, "short" (mean ~28 new tokens, cap 64)
   and "long" (mean ~48, cap 128: the toy run's answers). A random model's next token is near uniform and vocab /
   mean_new_tokens random ids are EOS: lengths are geometric, alike for both ("length mean / max"). tok/s: new
-  tokens, EOS included.
+  tokens, EOS included. "rollout paged" is the long rollout in a KV budget of --paged-budget x (rows x max_len),
+  rows sized for the mean length (engine.py's pool of pages, with preemption); its baseline is the long row's.
+  MB/step: what a decode step of ours moves (the weights, and the attention's reads and writes by the engine's
+  own accounting) against the ideal (the weights, and each live row's tokens once).
 - training: forward + backward of a right-padded batch's completion log-probs ("sum logp" must agree); tok/s
   counts prompt + completion tokens.
 - decode b=1: time per token; bandwidth = (weights + KV cache read at the mean context) / step time.
@@ -19,6 +22,7 @@ see measure. CPU s (process CPU time) is the steadier clock on a shared machine,
 time also counts waiting for a core, and with more threads than free cores OpenMP barriers inflate both: --threads 1.
 """
 import argparse
+import collections
 import gc
 import itertools
 import os
@@ -31,8 +35,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from grpo import token_logprobs
+from engine import generate
 from model import KVCache, Transformer
-from sample import generate
 
 FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
           "head_dim", "vocab_size")
@@ -57,7 +61,8 @@ class BenchConfig:
     train_batch: int = 8            # sequences per forward/backward (GRPOConfig.micro_batch)
     logprob_chunk: int = 1024       # GRPOConfig.logprob_chunk
     decode_tokens: int = 64         # batch-1 decode: tokens generated after a prompt_len[1]-token prompt
-    memory_budget: int = 2**30      # sample.generate's KV-cache budget
+    memory_budget: int = 2**30      # engine.generate's KV-cache budget
+    paged_budget: float = 0.25      # the paged row's budget, a fraction of the long rollout's rows x max_len
     repeats: int = 3
     threads: tuple = (0,)           # each count runs the whole table; 0 = torch's default (all cores)
     compile: bool = False
@@ -155,9 +160,9 @@ def make_inputs(cfg, vocab):
     return prompts, eos_ids, pad_id, ids.to(cfg.device), mask.to(cfg.device), seq_lens
 
 
-def rollout_ours(model, prompts, eos_ids, cfg, seed):
+def rollout_ours(model, prompts, eos_ids, cfg, seed, stats=None, expected_new_tokens=None):
     out = generate(model, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids, seed=seed,
-                   memory_budget=cfg.memory_budget)
+                   memory_budget=cfg.memory_budget, expected_new_tokens=expected_new_tokens, stats=stats)
     return [len(c.tokens) for row in out for c in row]  # (P*n,) grouped by prompt
 
 
@@ -220,8 +225,9 @@ def bench_shape(cfg, shape, dtype):
     prompts, eos_ids, pad_id, ids, mask, seq_lens = make_inputs(cfg, ours.config.vocab_size)
     dec_prompt = (prompts[0] * cfg.prompt_len[1])[: cfg.prompt_len[1]]
     dec = replace(cfg, n=1, max_new_tokens=cfg.decode_tokens)
+    stats = collections.defaultdict(dict)  # name -> engine.generate's stats of its last run (steps, bytes moved)
     runs = {  # name -> (workload, fn(seed) -> result)
-        "rollout ours": ("rollout", lambda s: rollout_ours(ours, prompts, eos_ids, cfg, s)),
+        "rollout ours": ("rollout", lambda s: rollout_ours(ours, prompts, eos_ids, cfg, s, stats["rollout ours"])),
         "rollout transformers": ("rollout", lambda s: rollout_hf(hf, prompts, eos_ids, pad_id, cfg, s)),
         "training ours": ("training", lambda s: train_ours(ours, ids, mask, cfg)),
         "training transformers": ("training", lambda s: train_hf(hf, ids, mask)),
@@ -233,7 +239,12 @@ def bench_shape(cfg, shape, dtype):
     if cfg.long_rollout:  # the same prompts, longer answers
         lcfg = replace(cfg, max_new_tokens=cfg.long_rollout[0], mean_new_tokens=cfg.long_rollout[1])
         _, l_eos, l_pad, *_ = make_inputs(lcfg, ours.config.vocab_size)
-        runs["rollout long ours"] = ("rollout", lambda s: rollout_ours(ours, prompts, l_eos, lcfg, s))
+        runs["rollout long ours"] = ("rollout", lambda s: rollout_ours(ours, prompts, l_eos, lcfg, s,
+                                                                          stats["rollout long ours"]))
+        rows_x_len = len(prompts) * cfg.n * (max(map(len, prompts)) + cfg.long_rollout[0]) * costs.kv
+        pcfg = replace(lcfg, memory_budget=int(cfg.paged_budget * rows_x_len))
+        runs["rollout paged ours"] = ("rollout", lambda s: rollout_ours(
+            ours, prompts, l_eos, pcfg, s, stats["rollout paged ours"], lcfg.mean_new_tokens))
         runs["rollout long transformers"] = ("rollout", lambda s: rollout_hf(hf, prompts, l_eos, l_pad, lcfg, s))
     if cfg.compile:
         runs["decode b=1 ours compiled"] = ("decode", decode_compiled(ours, dec_prompt, cfg))
@@ -258,7 +269,8 @@ def bench_shape(cfg, shape, dtype):
     del runs["machine"]  # not a row of the table
     print(f"\n### {shape}: {n_params / 1e6:.1f}M parameters, {cfg.dtype}, threads {torch.get_num_threads()}, "
           f"medians of {cfg.repeats}; machine: copy {bw / 1e9:.1f} GB/s, matmul {flops / 1e12:.3f} TFLOP/s\n")
-    print("| run | wall s | CPU s | tok/s | tok/CPU-s | peak MiB | detail | % roofline |\n" + "|---" * 8 + "|")
+    print("| run | wall s | CPU s | tok/s | tok/CPU-s | peak MiB | detail | % roofline | MB/step (x ideal) |\n"
+          + "|---" * 9 + "|")
     rows = {}
     for name, (work, _) in runs.items():
         warm, *timed = res[name]
@@ -281,10 +293,18 @@ def bench_shape(cfg, shape, dtype):
             tok_s, tok_c, frac = cfg.decode_tokens / wall, cfg.decode_tokens / cpu, byts / bw / step
             detail = f"{step * 1e3:.2f} ms/token, {byts / step / 1e9:.1f} GB/s"
         rows[name] = (tok_s, tok_c, peak)
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {tok_s:,.0f} | {tok_c:,.0f} | {peak:,.0f} | {detail} | {100 * frac:.0f}% |")
+        moved = "-"
+        if stats[name].get("steps"):  # per decode step: the weights, and the attention's traffic against the ideal
+            st = stats[name]
+            per_step, ideal = (costs.weights + st[k] / st["steps"] for k in ("kv_moved", "kv_ideal"))
+            moved = f"{per_step / 1e6:,.0f} ({per_step / ideal:.2f}x)"
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {tok_s:,.0f} | {tok_c:,.0f} | {peak:,.0f} | {detail} | "
+              f"{100 * frac:.0f}% | {moved} |")
     print()
-    for work in [w for w in ("rollout", "rollout long", "training", "decode b=1") if f"{w} ours" in rows]:
-        (a, ac, am), (b, bc, bm) = rows[f"{work} ours"], rows[f"{work} transformers"]
+    works = ("rollout", "rollout long", "rollout paged", "training", "decode b=1")
+    for work in [w for w in works if f"{w} ours" in rows]:
+        base = "rollout long" if work == "rollout paged" else work  # the same requests, no budget
+        (a, ac, am), (b, bc, bm) = rows[f"{work} ours"], rows[f"{base} transformers"]
         print(f"{work}: ours / transformers = {a / b:.2f}x tokens/s ({ac / bc:.2f}x per CPU second), "
               f"{am / max(bm, 1e-9):.2f}x peak memory")
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.distributed as dist
 
+import engine
 import grader
 import sample
 import solver
@@ -250,7 +251,7 @@ def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
     mine = range(r, len(bench.questions), world())
     prompts = [prompt_ids(tokenizer, bench.kind, bench.questions[i], cfg.raw_prompt) for i in mine]
     math = bench.kind == "math"
-    outs = sample.generate(
+    outs = engine.generate(
         model, prompts, n=k, max_new_tokens=cfg.max_new_tokens if math else cfg.general_max_new_tokens,
         temperature=cfg.temperature if k > 1 else 0.0, top_p=cfg.top_p if k > 1 else 1.0, tokenizer=tokenizer,
         eos_ids=sample.eos_ids_of(tokenizer), stop_strings=(RAW_STOP,) if cfg.raw_prompt and math else (),

@@ -8,7 +8,7 @@ is loaded: per rank and per phase (Phase), the bytes of what a run holds (runtim
   per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
 - the update: the rollout batch, one micro-batch's activations (with --activation-checkpointing: each block's
   input, plus one block recomputed in backward), one chunk of lm_head logits.
-The per-token constants are counted from the ops of model.py and sample.py; tests/test_memory.py holds the
+The per-token constants are counted from the ops of model.py, sample.py and engine.py; tests/test_memory.py holds the
 plan against the peaks a real run measures (--profile: `peak_memory`). A run refuses to start a plan that cannot fit.
 
     python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import PAGE, KVCache, ModelConfig
+from engine import PAGE, pages_for, sizing
+from model import KVCache, ModelConfig
 from runtime import resolve_model
 
 GiB = 2**30
@@ -85,7 +86,7 @@ def act_bytes(s: ModelConfig, b):
 
 def decode(s, b, tok, rows, prompt, max_new, U):
     """Transient bytes of one sampling call with `rows` in flight; tok: KV-cache bytes per token."""
-    gathered = rows * KVCache.pages_for(prompt + max_new) * PAGE * tok / s.num_hidden_layers  # one layer's pages
+    gathered = rows * pages_for(prompt + max_new) * PAGE * tok / s.num_hidden_layers  # one layer's pages
     logits = rows * s.vocab_size * SAMPLE_BYTES
     arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
     # a prefill of U prompts (one layer's no-grad intermediates and pages), or the rows copying its pages by layer
@@ -100,7 +101,7 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     W = world or pc.gpus
     b = 2 if (cuda and c.dtype != "float32") or c.dtype == "bfloat16" else 4
     P, Pb = n_params(s)
-    tok = KVCache.token_bytes(s, torch.bfloat16 if b == 2 else torch.float32)  # keys and values, every layer
+    tok = KVCache.token_bytes(s, dtype := torch.bfloat16 if b == 2 else torch.float32)  # keys, values: every layer
     # the trained model's fp32 shards (gradients only in the update) and the reference's, in every training phase
     trained = dict(weights=4 * P / W, optimizer=8 * P / W, reference=b * P / W)
     replica = b * P  # a full copy in the compute dtype
@@ -109,11 +110,9 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
     parked = 0 if cuda else replica  # on CPU, a model "off the GPU" is still in the same memory
     rows, phases = {}, {}
 
-    def rollout(name, jobs, prompt, max_new, n, distinct):  # mirrors sample.generate's sizing
-        full = KVCache.pages_for(prompt + max_new)
-        pool = max(min(int(c.memory_budget_gb * GiB) // (PAGE * tok), jobs * full), full)
-        expect = min(c.expected_new_tokens or max_new, max_new)
-        rows[name] = r = max(1, min(jobs, pool // KVCache.pages_for(prompt + expect)))
+    def rollout(name, jobs, prompt, max_new, n, distinct):  # sized as the engine sizes it
+        pool, r, _ = sizing(s, dtype, jobs, prompt, max_new, int(c.memory_budget_gb * GiB), c.expected_new_tokens)
+        rows[name] = r
         return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, b, tok, r, prompt, max_new,
                                                              max(1, min(distinct, r // n)))
 

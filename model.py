@@ -6,7 +6,8 @@ scaling); all with grouped-query attention, RMSNorm, SwiGLU, rotate-half RoPE (t
 no weight permutation), tied or untied embeddings. Loading is `load_state_dict(strict=True, assign=True)` on a
 module built on the meta device: no random init, no second copy of the weights.
 
-The training forward and the decode forward are the same function; the KV cache (KVCache, paged) is an argument.
+The training forward and the decode forward are the same function; the KV cache is an argument that does the
+attention read (KVCache here; engine.PagedKVCache over pages).
 Batches without a cache are right-padded and need no mask (a real token never attends to a later pad). Left out
 on purpose: sliding-window attention (off in every checkpoint we target), RoPE other than default/llama3, dropout.
 """
@@ -107,93 +108,54 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-PAGE = 16  # cache slots per page
-
-
 class KVCache:
-    """Keys and values of every layer in pages of PAGE slots, (n_layer, pages + 1, PAGE, n_kv, hd), and a page
-    table per row: slot s of row r is slot s % PAGE of page table[r, s // PAGE]. Slot index == position, so rows
-    of different lengths need no left padding (a query at position p attends to its row's slots 0..p); a row takes
-    pages as it grows. Page 0 is scratch: unassigned entries point to it, so writes of free rows or of padding land
-    where no row reads. Attention gathers a row's pages a layer at a time (a copy a fused kernel, as in vLLM, would
-    avoid), but reads a fixed cache (pages=None: each row's pages are one run, held for good) in place."""
+    """Keys and values of `rows` sequences of up to max_len tokens, pre-allocated: (n_layer, rows, max_len, n_kv,
+    hd), static shapes (as gpt-fast). Slot = position, so rows of different lengths need no left padding: a query
+    at position p attends to its row's slots 0..p, read in place. engine.PagedKVCache keeps the same contract in a
+    pool of pages that rows take as they grow."""
 
-    def __init__(self, cfg: ModelConfig, rows, pages, max_len, dtype, device):
-        self.fixed = pages is None
-        pages = rows * self.pages_for(max_len) if self.fixed else pages
-        shape = (cfg.num_hidden_layers, pages + 1, PAGE, cfg.num_key_value_heads, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.table = torch.zeros(rows, -(-max_len // PAGE), dtype=torch.long, device=device)  # (rows, max_pages)
-        self.held = [[] for _ in range(rows)]  # the host's copy: the pages of each row, in slot order
-        self.free = list(range(pages, 0, -1))  # pop() hands out the lowest page first
-        if self.fixed:
-            self.grow(range(rows), [max_len] * rows)  # row r gets pages r*n+1 .. (r+1)*n: the lowest first
 
     @staticmethod
     def token_bytes(cfg: ModelConfig, dtype) -> int:  # keys + values of one token in every layer
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
 
-    @staticmethod
-    def pages_for(length):
-        return -(-length // PAGE)
+    def write(self, layer, rows, k, v, input_pos):  # k, v: (B, n_kv, T, hd) into (rows[b], slot input_pos[b, t])
+        rows = torch.as_tensor(rows, device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
+        self.v[layer][rows, input_pos] = v.transpose(1, 2)
 
-    def grow(self, rows, lengths):
-        """Give each row pages for slots 0..length-1. False (and no change) if the free pages do not suffice."""
-        need = [(r, self.pages_for(n) - len(self.held[r])) for r, n in zip(rows, lengths)]
-        if sum(max(0, k) for _, k in need) > len(self.free):
-            return False
-        at = []  # (row, table column, the page given there)
-        for r, k in need:
-            for _ in range(k):
-                self.held[r].append(self.free.pop())
-                at.append((r, len(self.held[r]) - 1, self.held[r][-1]))
-        if at:
-            r, j, page = torch.tensor(at, device=self.table.device).T
-            self.table[r, j] = page
-        return True
+    def attend(self, layer, q, k, v, input_pos, kv_len):  # batch row b is cache row b; -> (B, nh, T, hd)
+        B = len(input_pos)
+        self.write(layer, range(B), k, v, input_pos)
+        k, v = (c[layer][:B, :kv_len].transpose(1, 2) for c in (self.k, self.v))  # (B, n_kv, kv_len, hd), in place
+        return masked_attention(q, k, v, input_pos)
 
-    def release(self, rows):  # the rows' pages back to the free list (a fixed row keeps them for its next job)
-        if self.fixed:
-            return
-        for r in rows:
-            self.free += self.held[r][::-1]
-            self.held[r] = []
-            self.table[r] = 0
+    def copy_rows(self, rows, src, length):  # slots 0..length-1 of row src (or of each of rows src) into `rows`
+        src = [src] if isinstance(src, int) else src
+        for layer in (*self.k, *self.v):  # a layer at a time, so the copy's temporary is one layer's
+            layer[rows, :length] = layer[src, :length]
 
-    def copy_prefix(self, dst_rows, src_row, length):  # slots 0..length-1 of src_row into each of dst_rows (grown)
-        n = self.pages_for(length)
-        src, dst = self.table[src_row, :n].repeat(len(dst_rows)), self.table[dst_rows, :n].flatten()
-        for layer in (*self.k, *self.v):  # whole pages (the tail is the prompt's padding); a layer at a time, so
-            layer[dst] = layer[src]  # the copy's temporary is one layer's
+    def keep_rows(self, rows, length):  # the kept rows' first `length` slots to the front; the others are dropped
+        self.copy_rows(slice(0, len(rows)), rows, length)
+        self.k, self.v = self.k[:, : len(rows)], self.v[:, : len(rows)]
 
-    def keep_rows(self, rows, length=None):  # rows: a list; the others must have been released
-        if self.fixed:  # move the kept rows' slots (those below `length`, all by default) to the front
-            for layer in (*self.k, *self.v):
-                runs = self._runs(layer)[:, :length]
-                runs[: len(rows)] = runs[rows]
-            self.table, self.held = self.table[: len(rows)], self.held[: len(rows)]
-            return
-        self.table, self.held = self.table[rows], [self.held[r] for r in rows]
 
-    def _runs(self, layer):  # a fixed cache's layer as (rows, max_pages * PAGE, n_kv, hd): a view, no copy
-        B, n = self.table.shape
-        return layer[1: 1 + B * n].view(B, n * PAGE, *layer.shape[2:])
-
-    def view(self, rows):  # the same pages seen through a subset of the rows (e.g. the rows a prefill writes)
-        v = object.__new__(KVCache)
-        v.k, v.v, v.table, v.held, v.free, v.fixed = self.k, self.v, self.table[rows], None, None, False
-        return v
-
-    def update(self, layer, k, v, input_pos, kv_len):
-        # k, v: (B, n_kv, T, hd) written at (row b, slot input_pos[b, t]); returns (B, n_kv, kv_len, hd)
-        page, slot = self.table.gather(1, input_pos // PAGE), input_pos % PAGE  # (B, T) each
-        self.k[layer][page, slot] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
-        self.v[layer][page, slot] = v.transpose(1, 2)
-        if self.fixed:  # attention reads the rows' slots in place (the gather below costs more than attention)
-            return tuple(self._runs(c[layer])[:, :kv_len].transpose(1, 2) for c in (self.k, self.v))
-        pages = self.table[:, : self.pages_for(kv_len)]  # (B, n): a copy of the rows' pages, one layer at a time
-        return tuple(c[layer][pages].flatten(1, 2)[:, :kv_len].transpose(1, 2) for c in (self.k, self.v))
+def masked_attention(q, k, v, input_pos, fold=None):
+    """q: (B, nh, T, hd) at positions input_pos (B, T); k, v: (B, n_kv, S, hd) at slots 0..S-1, of which a query
+    sees those up to its position. -> (B, nh, T, hd). fold (default: on CUDA): see below."""
+    B, nh, T, hd = q.shape
+    S = k.size(2)
+    mask = (torch.arange(S, device=q.device) <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, S)
+    if not (q.is_cuda if fold is None else fold):  # CPU: the default run's arithmetic (folding changes rounding)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    # each group's query heads folded into the query length: fused CUDA kernels take this mask, not with enable_gqa
+    g = nh // k.size(1)
+    mask = mask.unsqueeze(2).expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+    return F.scaled_dot_product_attention(q.reshape(B, -1, g * T, hd), k, v, attn_mask=mask).reshape(B, nh, T, hd)
 
 
 class Attention(nn.Module):
@@ -220,9 +182,7 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v = cache.update(self.layer, k, v, input_pos, kv_len)  # (B, nkv, kv_len, hd)
-            mask = (torch.arange(kv_len, device=x.device) <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = cache.attend(self.layer, q, k, v, input_pos, kv_len)  # the cache decides how attention reads it
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -283,10 +243,9 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
 
-    def new_cache(self, batch, max_len, pages=None, dtype=None):
-        """`batch` rows of up to max_len slots: a pool of `pages` that rows take as they grow, or fixed (pages=None)."""
-        dtype = dtype or self.embed_tokens.weight.dtype
-        return KVCache(self.config, batch, pages, max_len, dtype, self.inv_freq.device)
+    def new_cache(self, batch, max_len, dtype=None):
+        """`batch` rows of up to max_len slots, in the model's dtype and on its device."""
+        return KVCache(self.config, batch, max_len, dtype or self.embed_tokens.weight.dtype, self.inv_freq.device)
 
     @staticmethod
     def hf_name(name):  # ours are the checkpoints' names without the leading "model."

@@ -1,34 +1,20 @@
-"""Batched sampling with a KV cache, shaped for GRPO: P prompts x n samples each.
+"""Sampling with a KV cache, shaped for GRPO: n completions of each prompt, and the log-prob of every token.
 
-How a request is served (R-Zero's requests are large: the Solver answers N x m = 80,000 questions per
-iteration, the Challenger's reward samples m answers for each of 2,048 questions per step):
-- The request is a queue of jobs (prompt i, sample j). B rows hold the jobs in flight; their keys and values live in
-  a pool of pages (model.KVCache) of `memory_budget` bytes that a row takes as it grows, so a short answer costs its
-  own tokens, not max_new_tokens. B is as many rows as the pool holds at the prompt plus `expected_new_tokens` each.
-  When rows outgrow the pool, the newest is preempted and requeued, to be recomputed (as vLLM does): the oldest rows
-  always progress. A pool that holds every row at max_len anyway (the toy run) is fixed: attention reads each row's
-  pages in place, skipping the per-layer gather (on a CPU it cost more than attention: BENCHMARKS.md).
-- A free row is refilled with the next job (continuous batching). Jobs admitted together that share a prompt
-  share one prefill, copied into their rows (the GRPO group). Rows need no left padding (model.KVCache).
-- When the queue is empty and 1/8 of the rows have finished, the batch is compacted to the live rows.
-- Finishing is decided on the device; the host touches only the rows that finished, so per-step Python work
-  does not grow with the batch (stop strings, which must be decoded, are the exception).
+The sampler to read first (generate): for each prompt, prefill it once, copy its keys and values into the n rows
+of its group, and decode the n rows together to the end. engine.py serves the same request at scale (continuous
+batching over a pool of pages, preemption, compaction) and returns the same samples: every sample j of prompt i
+draws from its own stream of uniforms, so its tokens do not depend on the batch it was decoded in; tests/
+test_engine.py holds the engine to this sampler, as tests/test_model.py holds model.py to transformers.
 
 Returned log-probs are log softmax(logits / T) of the sampled token, before top-p / top-k truncation: the
 quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (greedy) they are at T = 1.
+Kept simple on purpose: one prompt at a time, rows that ended decode on until the group is done, stop strings
+are looked for by decoding each row's last tokens every step.
 """
-import sys
-import time
-from collections import deque
-from itertools import islice
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from model import PAGE, KVCache
 
 
 @dataclass
@@ -58,6 +44,25 @@ def eos_ids_of(tokenizer):
 
 
 BLOCK = 256  # tokens per block of the two-level inverse CDF in sample_next
+TOP_P_HEAD = 1024  # top-p looks for its kept set among this many most likely tokens (a partial sort) first
+
+
+def top_p_filter(logp, top_p, head=None):
+    """logp (B, V) -> logp with -inf outside the smallest set of most likely tokens holding top_p of the mass,
+    renormalised over the tokens left by top-k first (as transformers and vLLM do). The set is looked for in the
+    TOP_P_HEAD most likely tokens, sorted (topk: no full-vocabulary sort); rows whose head holds less sort in full
+    (asking whether any does is a host sync on CUDA; a sorting-free rejection sampler, as FlashInfer's, avoids it)."""
+    V = logp.size(-1)
+    k = min(head or TOP_P_HEAD, V)
+    sorted_lp, order = logp.topk(k)  # (B, k), descending; k = V: a full sort
+    probs = sorted_lp.softmax(-1)  # in the head's normalisation, so top_p is scaled by the head's mass below
+    cut = top_p if k == V else top_p * (logp.logsumexp(-1, keepdim=True) - sorted_lp.logsumexp(-1, keepdim=True)).exp()
+    drop = probs.cumsum(-1) - probs > cut  # mass before this token already exceeds top_p; keeps the first
+    out = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    if k < V and not drop[:, -1].all():  # the head's last token is kept: the set may go on past the head
+        rows = torch.nonzero(~drop[:, -1]).flatten()
+        out[rows] = top_p_filter(logp[rows], top_p, head=V)
+    return out
 
 
 def sample_next(logits, temperature, top_p, top_k, u):
@@ -72,10 +77,7 @@ def sample_next(logits, temperature, top_p, top_k, u):
         kth = torch.topk(filtered, min(top_k, filtered.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_lp, order = filtered.sort(dim=-1, descending=True)
-        probs = sorted_lp.softmax(-1)  # renormalised over the top-k survivors first, as transformers and vLLM do
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p; keeps the first
-        filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+        filtered = top_p_filter(filtered, top_p)
     # Inverse CDF (torch.multinomial on CPU is ~20x slower than a cumsum: 57 vs 3 ms for 64 x 32k), exact to the
     # float32 rounding of the weights. A float32 CDF (ulps of 6e-8 near 1) and u (a 2^-24 grid) give tokens under
     # 6e-8 probability 0 or ~6e-8: a total variation of ~1e-3 at 151k tokens. So u and the sums are float64, in two
@@ -100,165 +102,69 @@ def sample_next(logits, temperature, top_p, top_k, u):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-class Progress:
-    """How far a sampling call is: a tqdm bar on a terminal, else (a torchrun log) a line every `every` seconds."""
-
-    def __init__(self, total, every=60.0):
-        self.bar = tqdm(total=total, desc="sampling", leave=False) if sys.stderr.isatty() else None
-        self.total, self.done, self.tokens, self.every, self.t0 = total, 0, 0, every, time.time()
-        self.last = self.t0
-
-    def update(self, tokens):
-        self.done, self.tokens = self.done + 1, self.tokens + tokens
-        if self.bar:
-            self.bar.update(1)
-        elif time.time() - self.last >= self.every:
-            self.last = time.time()
-            print(f"sampling: {self.done}/{self.total} completions, {self.tokens / (self.last - self.t0):.0f} "
-                  f"tokens/s, {self.last - self.t0:.0f}s", flush=True)
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-
-
-@torch.no_grad()
-def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
-             stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
-             progress=False, stats=None):
-    """prompts: token-id lists; seed: an int (prompt i gets seed + i) or one per prompt. memory_budget: bytes of
-    KV-cache pages; rows in flight are as many as it holds at expected_new_tokens each (default max_new_tokens: no
-    preemption). stats: a dict to receive rows, peak_rows, preempted. Returns [len(prompts)][n] Completions."""
+def check_request(prompts, stop_strings, tokenizer, seed):
+    """One clear error for a request we cannot serve; -> each prompt's seed (seed + i, or one given per prompt)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the completions")
-    dev = next(model.parameters()).device
     if seed is None:
         seed = int(torch.randint(2**31, ()))  # from the global RNG: torch.manual_seed still reproduces a run
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
-    longest = max(map(len, prompts))
-    max_len = longest + max_new_tokens
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    queue = deque(range(len(jobs)))  # jobs to serve, in order; a preempted job goes back to the front
-    page_bytes = PAGE * KVCache.token_bytes(model.config, model.embed_tokens.weight.dtype)
-    # the pool: the budget, but no more than every job at max_len, and at least one row of max_len
-    pages = max(min(memory_budget // page_bytes, len(jobs) * KVCache.pages_for(max_len)), KVCache.pages_for(max_len))
-    expect = min(expected_new_tokens or max_new_tokens, max_new_tokens)
-    B = max(1, min(len(jobs), pages // KVCache.pages_for(longest + expect)))
-    # pages=None: the pool holds every row at max_len, so each row owns its pages for good (read in place)
-    cache = model.new_cache(B, max_len, pages=None if B * KVCache.pages_for(max_len) <= pages else pages)
-    eos_t = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
-    stop_tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens decoded to look for a stop string
+    return list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
 
-    row_job = np.full(B, -1)  # job index held by each row, -1 = free
-    row_pos = np.zeros(B, dtype=np.int64)  # position (= cache slot) of the next token each row feeds in
-    n_gen = torch.zeros(B, dtype=torch.long, device=dev)
-    out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-    out_lp = torch.zeros(B, max_new_tokens, device=dev)
-    # uniforms: each job's own stream (admit), so its output is the same in any batch, budget, rank split, preemption
-    uniforms = torch.zeros(B, max_new_tokens, dtype=torch.float64, device=dev)  # float64: see sample_next
-    next_logits = torch.zeros(B, model.config.vocab_size, device=dev)
-    results = [[None] * n for _ in prompts]
-    st = dict(rows=B, peak_rows=0, preempted=0, pages=pages)
-    bar = Progress(len(jobs)) if progress else None
 
-    def admit(rows):
-        """Prefill the next jobs' prompts, once per distinct prompt, into the free `rows` their pages allow."""
-        take, need = [], 0
-        for r, q in zip(rows, list(islice(queue, len(rows)))):  # the next jobs, as many as the free pages hold
-            need += max(0, KVCache.pages_for(len(prompts[jobs[q][0]])) - len(cache.held[r]))
-            if need > len(cache.free):
+def uniforms(seed, j, max_new_tokens):
+    """The uniforms of sample j of a prompt: its own stream, so its tokens are the same in any batch, order, budget,
+    rank split or preemption. float64: see sample_next."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + j) % 2**62)
+    return torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
+
+
+def stop_tail(stop_strings):  # tokens decoded to look for a stop string at the end of a completion
+    return max((len(s) for s in stop_strings), default=0) + 8
+
+
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
+             stop_strings=(), tokenizer=None, seed=None, **serving):
+    """n completions of each prompt (token-id lists) -> [len(prompts)][n] Completions. seed: an int (prompt i gets
+    seed + i) or one per prompt. For each prompt: one prefill, its cache copied into n rows, then the n rows decode
+    together until every one has ended. engine.generate returns the same samples, served at scale; the arguments
+    only it uses (memory_budget, expected_new_tokens, progress, stats) are accepted here and ignored."""
+    seeds = check_request(prompts, stop_strings, tokenizer, seed)
+    dev = model.inv_freq.device
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
+    results = []
+    for prompt, s in zip(prompts, seeds):
+        L = len(prompt)
+        cache = model.new_cache(n, L + max_new_tokens)
+        logits = model(torch.tensor([prompt], device=dev), cache=cache, input_pos=torch.arange(L, device=dev)[None])
+        cache.copy_rows(range(1, n), 0, L)  # the prompt, prefilled once in row 0, into the other rows
+        logits = logits[:, -1].float().expand(n, -1)  # (n, V)
+        u = torch.stack([uniforms(s, j, max_new_tokens) for j in range(n)]).to(dev)  # (n, max_new_tokens)
+        toks, lps = [], []  # per step: (n,) each
+        ended = torch.zeros(n, dtype=torch.bool, device=dev)  # a row that ended decodes on; its tokens are cut
+        stop_at = [None] * n  # the step at which a row's text first holds a stop string
+        for t in range(max_new_tokens):
+            tok, lp = sample_next(logits, temperature, top_p, top_k, u[:, t])  # (n,), (n,)
+            toks.append(tok), lps.append(lp)
+            ended |= torch.isin(tok, eos)
+            for r in range(n) if stop_strings else ():
+                tail = tokenizer.decode(torch.stack(toks[-stop_tail(stop_strings):])[:, r].tolist())
+                if stop_at[r] is None and not ended[r] and any(x in tail for x in stop_strings):
+                    stop_at[r] = t
+                    ended[r] = True
+            if ended.all() or t == max_new_tokens - 1:
                 break
-            take.append(queue.popleft())  # q
-        if not take:
-            return
-        rows, ps = rows[: len(take)], [prompts[jobs[q][0]] for q in take]  # the taken jobs' rows and prompts
-        cache.grow(rows, list(map(len, ps)))
-        groups = {}  # prompt (identical objects, e.g. [prompt] * n, count as one) -> (the prompt, its rows)
-        for r, p in zip(rows, ps):
-            groups.setdefault(id(p), (p, []))[1].append(r)
-        U, L = len(groups), max(len(p) for p, _ in groups.values())
-        idx = torch.zeros(U, L, dtype=torch.long, device=dev)  # right-padded prompts (U, L)
-        for u, (p, _) in enumerate(groups.values()):
-            idx[u, : len(p)] = torch.tensor(p, device=dev)
-        lead = torch.tensor([g[0] for _, g in groups.values()], device=dev)  # the row each prefill runs in: (U,)
-        h = model(idx, cache=cache.view(lead), input_pos=torch.arange(L, device=dev).expand(U, L), kv_len=L,
-                  return_hidden=True)  # (U, L, D); the pad positions write slots nobody reads
-        last = torch.tensor([len(p) - 1 for p, _ in groups.values()], device=dev)
-        first = model.lm_head(h[torch.arange(U, device=dev), last]).float()  # (U, V): last positions only
-        for p, (r0, *copies) in groups.values():  # the group's other rows copy the one prefill
-            if copies:
-                cache.copy_prefix(copies, r0, len(p))
-        src = torch.tensor([list(groups).index(id(p)) for p in ps], device=dev)  # the prefill of each row
-        dst = torch.as_tensor(rows, device=dev)
-        next_logits[dst] = first[src]
-        row_job[rows], row_pos[rows] = take, list(map(len, ps))
-        n_gen[dst] = 0
-        streams = [torch.Generator().manual_seed((seeds[jobs[q][0]] * 1_000_003 + jobs[q][1]) % 2**62) for q in take]
-        uniforms[dst] = torch.stack([torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
-                                     for g in streams]).to(dev)
-
-    while True:
-        free = np.flatnonzero(row_job < 0)
-        # refill once a few rows are free (a prefill per single freed row would waste the matmuls)
-        if queue and len(free) >= max(1, B // 8):
-            admit(free.tolist())
-        live = row_job >= 0
-        if not live.any():
-            break
-        st["peak_rows"] = max(st["peak_rows"], int(live.sum()))
-        at = torch.arange(B, device=dev), n_gen.clamp(max=max_new_tokens - 1)  # (row, step) of each row's token
-        tok, lp = sample_next(next_logits, temperature, top_p, top_k, uniforms[at])  # (B,), (B,)
-        out_tok[at], out_lp[at] = tok, lp
-        n_gen += 1
-        done = torch.as_tensor(live, device=dev) & (torch.isin(tok, eos_t) | (n_gen >= max_new_tokens))
-        stopped = np.zeros(B, dtype=bool)
-        if stop_strings:
-            live_rows = np.flatnonzero(live)
-            tails = tokenizer.batch_decode([out_tok[r, max(0, c - stop_tail): c].tolist()
-                                            for r, c in zip(live_rows, n_gen[live_rows].tolist())])
-            stopped[live_rows] = [any(s in t for s in stop_strings) for t in tails]
-            done |= torch.as_tensor(stopped, device=dev)
-        finished = torch.nonzero(done).flatten().tolist()  # only finished rows touch the host
-        for r in finished:
-            i, j = jobs[row_job[r]]
-            c = int(n_gen[r])
-            toks = out_tok[r, :c].tolist()
-            reason = "eos" if toks[-1] in eos_ids else "stop" if stopped[r] else "length"
-            text = tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None else None
-            results[i][j] = Completion(toks, out_lp[r, :c].tolist(), reason, text)
-            if bar:
-                bar.update(len(toks))
-        cache.release(finished)
-        row_job[finished] = -1
-        # the next forward writes each live row's token at slot row_pos: a row entering a new page takes one;
-        # when none is free, the newest row is preempted (its job starts again later, with the same uniforms)
-        while True:
-            live = row_job >= 0
-            grow = np.flatnonzero(live & (row_pos % PAGE == 0))
-            if cache.grow(grow.tolist(), (row_pos[grow] + 1).tolist()):
-                break
-            victim = int(np.flatnonzero(live)[row_job[live].argmax()])
-            queue.appendleft(int(row_job[victim]))
-            cache.release([victim])
-            row_job[victim] = -1
-            st["preempted"] += 1
-        if not live.any():
-            continue  # every row finished this step: refill (or end) before the next forward
-        if not queue and live.sum() <= B - max(1, B // 8):  # compact: drop finished rows from the batch
-            keep = np.flatnonzero(live)
-            kt = torch.as_tensor(keep, device=dev)
-            cache.keep_rows(keep.tolist(), length=int(row_pos[keep].max()))  # the slots written so far
-            row_job, row_pos, B = row_job[keep], row_pos[keep], len(keep)
-            n_gen, out_tok, out_lp, tok, uniforms = n_gen[kt], out_tok[kt], out_lp[kt], tok[kt], uniforms[kt]
-            live = np.ones(B, dtype=bool)
-        kv_len = int(row_pos[live].max()) + 1
-        pos = torch.as_tensor(row_pos[:, None], device=dev)  # (B, 1)
-        next_logits = model(tok[:, None], cache=cache, input_pos=pos, kv_len=kv_len)[:, -1].float()  # (B, V)
-        row_pos += live  # free rows stay put; their writes land in the scratch page
-    if bar:
-        bar.close()
-    if stats is not None:
-        stats.update(st)
+            pos = torch.full((n, 1), L + t, device=dev)
+            logits = model(tok[:, None], cache=cache, input_pos=pos)[:, -1].float()  # (n, V)
+        toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # (n, steps) each
+        row = []
+        for r in range(n):
+            c = next((t + 1 for t, x in enumerate(toks[r]) if x in eos_ids or t == stop_at[r]), len(toks[r]))
+            reason = "eos" if toks[r][c - 1] in eos_ids else "stop" if stop_at[r] is not None else "length"
+            text = tokenizer.decode(toks[r][:c], skip_special_tokens=True) if tokenizer is not None else None
+            row.append(Completion(toks[r][:c], lps[r][:c], reason, text))
+        results.append(row)
     return results
+

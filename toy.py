@@ -346,13 +346,14 @@ def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
 def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperature: float = 1.0,
                      max_new_tokens: int = 192, seed: int = 0) -> dict:
     """A Solver's true greedy, mean@k and maj@k (at `temperature`), overall and by difficulty: one call per mode."""
+    import engine
     import sample
     from solver import majority_vote, solver_prompt
 
     prompts = [solver_prompt(tokenizer, p) for p in problems]
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer)
-    greedy = sample.generate(model, prompts, n=1, temperature=0.0, **kw)
-    sampled = sample.generate(model, prompts, n=k, temperature=temperature, seed=seed, **kw)
+    greedy = engine.generate(model, prompts, n=1, temperature=0.0, **kw)
+    sampled = engine.generate(model, prompts, n=k, temperature=temperature, seed=seed, **kw)
     rows = []
     for p, g, s in zip(problems, greedy, sampled):
         answers = [_last_boxed(c.text or "") or None for c in s]
@@ -415,6 +416,7 @@ def main():
     """Rebuild a toy world from scratch (this machine's own) and measure its base model, or measure a world folder."""
     import argparse
 
+    import engine
     import sample
     from challenger import challenger_prompt, parse_question
     from model import Transformer
@@ -440,7 +442,7 @@ def main():
     for d, r in [("all", res)] + list(res["by_difficulty"].items()):
         print(f"  difficulty {d:>3}: n={r['n']:4d}  {r['greedy']:.3f} / {r['mean_at_k']:.3f} / {r['maj_at_k']:.3f}")
     t0 = time.time()
-    outs = sample.generate(model, [challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
+    outs = engine.generate(model, [challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
                            eos_ids=sample.eos_ids_of(tok), tokenizer=tok, seed=0)
     qs = [parse_question(c.text) for c in outs[0]]
     st = question_stats(qs)

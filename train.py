@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import challenger
+import engine
 import eval
 import grpo
 import memory
@@ -183,7 +184,7 @@ def generate(run, model, prompts, n, max_new_tokens, top_p, seeds, top_k=0):
     """n samples of each prompt at the run's temperature (the one GRPO's log-probs assume); [] for no prompts."""
     if not prompts:
         return []
-    outs = sample.generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=run.c.temperature,
+    outs = engine.generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=run.c.temperature,
                            top_p=top_p, top_k=top_k, eos_ids=sample.eos_ids_of(run.tok), tokenizer=run.tok,
                            seed=seeds, memory_budget=int(run.c.memory_budget_gb * 2**30),
                            expected_new_tokens=run.c.expected_new_tokens, progress=rank() == 0)

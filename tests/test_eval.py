@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import eval as ev
+import engine
 import sample
 import toy
 from conftest import CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE, byte_level_tokenizer, make_hf_model, make_tokenizer
@@ -48,7 +49,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Replaces sample.generate: each call returns the next scripted [problem][sample] responses."""
+    """Replaces engine.generate: each call returns the next scripted [problem][sample] responses."""
     script, calls = [], []
 
     def fake(model, prompts, n=1, temperature=1.0, tokenizer=None, **kw):
@@ -57,7 +58,7 @@ def scripted(monkeypatch):
         assert len(responses) == len(prompts) and all(len(r) == n for r in responses)
         return [[sample.Completion([], [], "eos", t) for t in r] for r in responses]
 
-    monkeypatch.setattr(sample, "generate", fake)
+    monkeypatch.setattr(engine, "generate", fake)
     return script, calls
 
 
@@ -191,7 +192,7 @@ def test_every_model_folder_is_checked_before_any_work(tmp_path, models, capsys,
     shutil.copytree(models[0], broken)
     breaks(broken)
     calls = []
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(1) or [])
     good = write_jsonl(tmp_path / "good.jsonl", [{"problem": "p", "answer": "1"}])
     with pytest.raises(SystemExit) as e:
         ev.main(["--model", models[0], broken, "--data", good, "--out", str(tmp_path / "out")])

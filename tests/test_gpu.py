@@ -55,16 +55,16 @@ def test_a_bf16_fsdp2_update_and_a_checkpoint_round_trip(tmp_path):
 
 
 def test_decoding_runs_on_a_fused_attention_kernel(tmp_path):
-    """A decode step as the sampler makes it (bf16, grouped-query heads, a mask over the cache) with the math kernel
+    """A decode step as the engine makes it (bf16, grouped-query heads, a mask over the cache) with the math kernel
     ruled out: it fails if only the math kernel, which repeats keys and values per head group, would run."""
-    import sample
+    import engine
     from model import Transformer
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     make_hf_model(tmp_path / "qwen3", "qwen3")
     model = Transformer.from_pretrained(str(tmp_path / "qwen3"), dtype=torch.bfloat16, device="cuda").eval()
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        outs = sample.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], n=3, max_new_tokens=8, seed=0)
+        outs = engine.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], n=3, max_new_tokens=8, seed=0)
     assert all(len(c.tokens) == 8 for row in outs for c in row)
 
 

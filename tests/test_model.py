@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_model
-from model import PAGE, KVCache, ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer, masked_attention
 
 T = 130  # > 2 x original_max_position_embeddings (64 in conftest): llama3's frequency scaling is exercised
 TOL = 1e-4
@@ -379,82 +379,58 @@ def test_cached_decoding_rows_of_different_lengths(cached_model):
 
 
 @torch.no_grad()
-def test_paged_cache_rows_growing_in_turn_equal_the_full_forward(cached_model):
-    """Rows that take pages in turn (so each row's pages are scattered over the pool, not in order) decode as
-    the full forward; a released row's pages go to another row."""
+def test_cache_copied_rows_and_compaction_mid_decode_equal_the_full_forward(cached_model):
+    """Row 0's prefill copied into row 1 (the group's shared prompt, copy_rows), rows of different lengths, and
+    dropping a row mid-decode (keep_rows moves the kept rows' slots to the front): each row decodes as the full
+    forward of its own tokens."""
     model = cached_model
-    lens, steps = [37, 5, 20], 40
-    seqs = [tokens(B=1, T=n + steps, seed=20 + i)[0] for i, n in enumerate(lens)]
-    cache = model.new_cache(3, max(lens) + steps, pages=60)
-    for b, n in enumerate(lens):  # prefill each row alone, through a view of that row
-        assert cache.grow([b], [n])
-        model(seqs[b][None, :n], cache=cache.view(torch.tensor([b])), input_pos=torch.arange(n)[None])
-    got = [[] for _ in lens]
-    for s in range(steps):
-        pos = torch.tensor(lens) + s
-        assert cache.grow([0, 1, 2], (pos + 1).tolist())
-        out = model(torch.stack([seqs[b][n + s] for b, n in enumerate(lens)])[:, None], cache=cache,
-                    input_pos=pos[:, None])
-        for b in range(3):
-            got[b].append(out[b, 0])
-    assert sorted(p for row in cache.held for p in row) == list(range(1, 1 + sum(KVCache.pages_for(n + steps)
-                                                                                  for n in lens)))
-    assert any(row != sorted(row) or row != list(range(row[0], row[0] + len(row))) for row in cache.held)
-    for b, n in enumerate(lens):
-        alone = model(seqs[b][None])[0, n:]
-        assert max_diff(torch.stack(got[b]), alone) <= TOL, b
-    before = len(cache.free)
-    cache.release([1])
-    assert len(cache.free) == before + KVCache.pages_for(lens[1] + steps) and cache.table[1].eq(0).all()
-
-
-@torch.no_grad()
-def test_fixed_cache_compacted_mid_decode_equals_the_full_forward(cached_model):
-    """A cache of rows that own their max_len slots (new_cache without a pool): attention reads it in place, a
-    released row keeps its pages, and dropping a row (keep_rows) moves the kept rows' slots to the front."""
-    model = cached_model
-    lens, steps = [12, 30, 7], 24
+    lens, steps = [12, 12, 30, 7], 24
     seqs = [tokens(B=1, T=n + steps, seed=40 + i)[0] for i, n in enumerate(lens)]
-    cache = model.new_cache(3, max(lens) + steps)
-    n = KVCache.pages_for(max(lens) + steps)
-    assert cache.fixed and cache.held == [list(range(1 + r * n, 1 + (r + 1) * n)) for r in range(3)]
-    for b, L in enumerate(lens):
-        model(seqs[b][None, :L], cache=cache.view(torch.tensor([b])), input_pos=torch.arange(L)[None])
-    rows, got = [0, 1, 2], [[] for _ in lens]
+    seqs[1][:12] = seqs[0][:12]  # rows 0 and 1 share a prompt, then go their own ways
+    cache = model.new_cache(4, max(lens) + steps)
+    prompt = torch.zeros(3, 30, dtype=torch.long)  # seqs 0, 2, 3 right-padded, prefilled into cache rows 0, 1, 2
+    for i, b in enumerate((0, 2, 3)):
+        prompt[i, : lens[b]] = seqs[b][: lens[b]]
+    first = model(prompt, cache=cache, input_pos=torch.arange(30).expand(3, 30))
+    cache.copy_rows([3], 2, 30)  # then moved so that row b holds seq b: seq 1 is seq 0's prompt, copied
+    cache.copy_rows([2], 1, 30)
+    cache.copy_rows([1], 0, 12)
+    order, got = [0, 1, 2, 3], [[] for _ in lens]
     for s in range(steps):
-        if s == 10:  # row 1 is done: keep rows 2 and 0, in that order
-            cache.release([1])
-            assert cache.held[1] and not cache.free
-            cache.keep_rows([2, 0])
-            rows = [2, 0]
-        pos = torch.tensor([lens[b] + s for b in rows])
-        out = model(torch.stack([seqs[b][lens[b] + s] for b in rows])[:, None], cache=cache, input_pos=pos[:, None])
-        for i, b in enumerate(rows):
+        if s == 10:  # seq 2 is done: keep the rows of seqs 3, 0 and 1, in that order
+            cache.keep_rows([3, 0, 1], max(lens[b] + s for b in order))
+            order = [3, 0, 1]
+        pos = torch.tensor([lens[b] + s for b in order])
+        out = model(torch.stack([seqs[b][lens[b] + s] for b in order])[:, None], cache=cache, input_pos=pos[:, None])
+        for i, b in enumerate(order):
             got[b].append(out[i, 0])
-    for b in (0, 2):
+    for b in (0, 1, 3):
         alone = model(seqs[b][None])[0, lens[b]:]
         assert max_diff(torch.stack(got[b]), alone) <= TOL, b
+    assert max_diff(first[0, 11], model(seqs[0][None, :12])[0, -1]) <= TOL
 
 
-def test_cache_pages_grow_copy_keep():
+def test_query_heads_folded_for_cuda_kernels_equal_grouped_query_attention():
+    """masked_attention on CUDA folds each KV head's query heads into the query length (fused kernels take a mask
+    then): the same attention as enable_gqa, for decode (T = 1) and prefill (T > 1) queries."""
+    g = torch.Generator().manual_seed(0)
+    for T, S in ((1, 37), (9, 9)):
+        q, k, v = (torch.randn(3, h, n, 8, generator=g) for h, n in ((6, T), (2, S), (2, S)))
+        pos = torch.tensor([[S - 1], [5], [20]]) if T == 1 else torch.arange(T).expand(3, T)
+        want = masked_attention(q, k, v, pos, fold=False)
+        assert torch.allclose(masked_attention(q, k, v, pos, fold=True), want, atol=1e-6)
+        mask = (torch.arange(S) <= pos[..., None]).unsqueeze(1)
+        scores = q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 8**0.5  # (3, 6, T, S): each head its KV head
+        ref = torch.softmax(scores.masked_fill(~mask, -torch.inf), -1)
+        assert torch.allclose(ref @ v.repeat_interleave(3, 1), want, atol=1e-6)
+
+
+def test_cache_bytes_and_shape():
     cfg = ModelConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=2)
     for dtype in (torch.float32, torch.bfloat16):
         assert KVCache.token_bytes(cfg, dtype) == 2 * 2 * 1 * 2 * dtype.itemsize
-    assert [KVCache.pages_for(n) for n in (1, PAGE, PAGE + 1)] == [1, 1, 2]
-    cache = KVCache(cfg, rows=3, pages=4, max_len=3 * PAGE, dtype=torch.float32, device="cpu")
-    assert cache.k.shape == (2, 5, PAGE, 1, 2)  # page 0 is scratch
-    assert cache.grow([0, 2], [PAGE + 1, 3]) and cache.held == [[1, 2], [], [3]]
-    assert not cache.grow([1], [2 * PAGE + 1]) and cache.held[1] == []  # 3 pages wanted, 1 free: no change
-    assert cache.table.tolist() == [[1, 2, 0], [0, 0, 0], [3, 0, 0]]
-    cache.k[:, 1:3] = torch.arange(2 * 2 * PAGE * 2.0).view(2, 2, PAGE, 1, 2)
-    cache.v[:, 1:3] = -cache.k[:, 1:3]
-    cache.release([2])
-    assert cache.grow([2], [PAGE + 2]) and cache.held[2] == [3, 4]
-    cache.copy_prefix([2], 0, PAGE + 2)  # both pages of row 0 into row 2's pages
-    assert torch.equal(cache.k[:, 3:5], cache.k[:, 1:3]) and torch.equal(cache.v[:, 3:5], -cache.k[:, 1:3])
-    cache.release([0])
-    cache.keep_rows([2, 1])
-    assert cache.held == [[3, 4], []] and cache.table.tolist() == [[3, 4, 0], [0, 0, 0]]
+    cache = KVCache(cfg, rows=3, max_len=5, dtype=torch.float32, device="cpu")
+    assert cache.k.shape == cache.v.shape == (2, 3, 5, 1, 2)  # (n_layer, rows, max_len, n_kv, hd)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])

@@ -1,14 +1,19 @@
-"""sample.py: greedy against transformers, batching invariances, the sampling distribution, log-probs, stopping,
-the shared prefill, the memory budget and the CLI. Tiny random models, CPU."""
+"""sample.py and engine.py: greedy against transformers, batching invariances, the sampling distribution, log-probs,
+stopping, the shared prefill, the memory budget and the CLI. The behaviour tests run both samplers (the reader's
+sample.generate and the serving engine.generate); tests/test_engine.py holds them to each other. Tiny random models,
+CPU."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
+import sample
 from conftest import make_hf_model, make_tokenizer
-from model import PAGE, KVCache, Transformer
-from sample import BLOCK, Completion, chat_prompt, eos_ids_of, generate, sample_next
+from engine import PAGE, pages_for
+from model import KVCache, Transformer
+from sample import BLOCK, Completion, chat_prompt, eos_ids_of, sample_next
 
 # initializer_range=0.2 gives logits of std ~1.5: peaked enough that greedy has no near-ties and top-k / top-p
 # cut real mass, flat enough that a temperature of 1 spreads samples over dozens of tokens
@@ -40,7 +45,13 @@ def with_tokenizer(tmp_path_factory):
     return str(d), Transformer.from_pretrained(str(d)).eval(), tok
 
 
-def greedy(model, prompts, **kw):
+@pytest.fixture(params=["sample", "engine"])
+def generate(request):
+    """Each behaviour test runs on the reader's sampler and on the serving engine."""
+    return {"sample": sample.generate, "engine": engine.generate}[request.param]
+
+
+def greedy(generate, model, prompts, **kw):
     return generate(model, prompts, temperature=0.0, **kw)
 
 
@@ -52,10 +63,10 @@ def toks(results):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_greedy_matches_transformers_generate(models, family):
+def test_greedy_matches_transformers_generate(models, family, generate):
     model, hf = models[family]
     prompts = rand_prompts([3, 20, 55], seed=1)  # 55 + 16 > 64: past llama3's original context
-    ours = greedy(model, prompts, max_new_tokens=16)
+    ours = greedy(generate, model, prompts, max_new_tokens=16)
     for p, row in zip(prompts, ours):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -63,18 +74,18 @@ def test_greedy_matches_transformers_generate(models, family):
         assert row[0].finish_reason == "length"
 
 
-def test_batch_of_different_lengths_equals_each_alone(models):
+def test_batch_of_different_lengths_equals_each_alone(models, generate):
     model, _ = models["qwen3"]
     prompts = rand_prompts([3, 17, 40], seed=2)
-    batched = greedy(model, prompts, n=2, max_new_tokens=12)
+    batched = greedy(generate, model, prompts, n=2, max_new_tokens=12)
     for p, row in zip(prompts, batched):
-        alone = greedy(model, [p], max_new_tokens=12)[0][0]
+        alone = greedy(generate, model, [p], max_new_tokens=12)[0][0]
         for c in row:  # greedy: both samples of the group are the same completion
             assert c.tokens == alone.tokens
             assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
 
 
-def test_samples_do_not_depend_on_batch_or_memory_budget(models):
+def test_samples_do_not_depend_on_batch_or_memory_budget(models, generate):
     """Each job's uniforms come from its own stream: a prompt sampled alone, in a batch, or one row at a time
     (memory_budget) gets the same completions."""
     model, _ = models["qwen3"]
@@ -87,7 +98,7 @@ def test_samples_do_not_depend_on_batch_or_memory_budget(models):
     assert len({tuple(c.tokens) for c in batched[0]}) > 1
 
 
-def test_same_seed_same_output_different_seed_differs(models):
+def test_same_seed_same_output_different_seed_differs(models, generate):
     model, _ = models["qwen3"]
     prompts = rand_prompts([5, 9], seed=3)
     kw = dict(n=4, max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50)
@@ -110,7 +121,7 @@ def recomputed_logprobs(model, prompt, completion, temperature):
     return F.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
-def test_logprobs_equal_plain_forward(models):
+def test_logprobs_equal_plain_forward(models, generate):
     model, _ = models["llama"]
     prompts = rand_prompts([4, 11, 30], seed=4)
     T, top_k = 0.8, 20
@@ -127,10 +138,10 @@ def test_logprobs_equal_plain_forward(models):
             assert int(rank.max()) < top_k
 
 
-def test_greedy_logprobs_are_at_temperature_one(models):
+def test_greedy_logprobs_are_at_temperature_one(models, generate):
     model, _ = models["qwen3"]
     p = rand_prompts([7], seed=5)[0]
-    c = greedy(model, [p], max_new_tokens=8)[0][0]
+    c = greedy(generate, model, [p], max_new_tokens=8)[0][0]
     assert torch.allclose(torch.tensor(c.logprobs), recomputed_logprobs(model, p, c.tokens, 1.0), atol=1e-4)
 
 
@@ -159,7 +170,7 @@ N_DRAWS = 20_000
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 8, 1.0), (1.3, 0, 0.7), (1.3, 20, 0.8)],
                          ids=["temperature", "top_k", "top_p", "top_k+top_p"])
-def test_sampled_distribution_matches_target(models, temperature, top_k, top_p):
+def test_sampled_distribution_matches_target(models, temperature, top_k, top_p, generate):
     """20,000 first tokens against the hand-computed distribution. Tolerances: no token outside the kept set,
     ever; Pearson's chi-square over the kept tokens (bins with expected count < 5 merged) below
     df + 6 sqrt(2 df), a false alarm well under 1e-4 for a correct sampler; total variation < 0.03 (its
@@ -262,23 +273,33 @@ def test_inverse_cdf_never_draws_weight_zero():
 # ---------------------------------------------------------------- the group shares one prefill
 
 
+def counting_forward(model, monkeypatch):
+    calls = []  # the (batch, tokens) shape of every forward
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, *a, **kw:
+                        calls.append(tuple(idx.shape)) or forward(idx, *a, **kw))
+    return calls
+
+
 def test_n_samples_share_one_prefill(models, monkeypatch):
     model, _ = models["qwen3"]
-    calls = []
-    forward = model.forward
-
-    def counting(idx, *a, **kw):
-        calls.append(tuple(idx.shape))
-        return forward(idx, *a, **kw)
-
-    monkeypatch.setattr(model, "forward", counting)
+    calls = counting_forward(model, monkeypatch)
     prompts = rand_prompts([6, 9], seed=7)
-    out = generate(model, prompts, n=4, max_new_tokens=5, temperature=1.0, seed=0)
+    out = engine.generate(model, prompts, n=4, max_new_tokens=5, temperature=1.0, seed=0)
     prefills = [s for s in calls if s[1] > 1]
     assert prefills == [(2, 9)]  # one forward over the two distinct prompts, not 2 x 4 rows
     assert all(s[1] == 1 and s[0] <= 8 for s in calls if s[1] == 1)
     assert len(calls) == 1 + 4  # prefill, then one decode step per token after the first
     for row in out:  # rows copied from one prefill still sample independently
+        assert len({tuple(c.tokens) for c in row}) > 1
+
+
+def test_reader_sampler_prefills_each_prompt_once_for_its_group(models, monkeypatch):
+    model, _ = models["qwen3"]
+    calls = counting_forward(model, monkeypatch)
+    out = sample.generate(model, rand_prompts([6, 9], seed=7), n=4, max_new_tokens=5, temperature=1.0, seed=0)
+    assert calls == [(1, 6)] + [(4, 1)] * 4 + [(1, 9)] + [(4, 1)] * 4  # a prefill, then its group of 4 rows
+    for row in out:
         assert len({tuple(c.tokens) for c in row}) > 1
 
 
@@ -293,12 +314,12 @@ def truncate_at(tokens, eos):
     return tokens, "length"
 
 
-def test_stop_on_eos(models):
+def test_stop_on_eos(models, generate):
     model, _ = models["llama"]
     prompts = rand_prompts([5, 13, 9], seed=8)
-    free = greedy(model, prompts, max_new_tokens=12)
+    free = greedy(generate, model, prompts, max_new_tokens=12)
     eos = [free[0][0].tokens[3], free[1][0].tokens[6]]
-    out = greedy(model, prompts, n=2, max_new_tokens=12, eos_ids=eos)
+    out = greedy(generate, model, prompts, n=2, max_new_tokens=12, eos_ids=eos)
     reasons = set()
     for ref, row in zip(free, out):
         want, reason = truncate_at(ref[0].tokens, eos)
@@ -310,7 +331,7 @@ def test_stop_on_eos(models):
     assert "eos" in reasons
 
 
-def test_max_new_tokens_is_length(models):
+def test_max_new_tokens_is_length(models, generate):
     model, _ = models["qwen3"]
     out = generate(model, rand_prompts([4, 6], seed=9), n=3, max_new_tokens=7, seed=0)
     for row in out:
@@ -319,32 +340,32 @@ def test_max_new_tokens_is_length(models):
             assert len(c.tokens) == len(c.logprobs) == 7 and c.finish_reason == "length"
 
 
-def test_stop_strings(with_tokenizer):
+def test_stop_strings(with_tokenizer, generate):
     _, model, tok = with_tokenizer
     prompt = chat_prompt(tok, "put the answer within boxed", "hello world")
-    free = greedy(model, [prompt], max_new_tokens=12, tokenizer=tok)[0][0]
+    free = greedy(generate, model, [prompt], max_new_tokens=12, tokenizer=tok)[0][0]
     assert free.text == tok.decode(free.tokens, skip_special_tokens=True)
     # a word the greedy completion produces, as the stop string; tokens 0-3 are the special ones
     k = next(t for t in range(3, 12) if free.tokens[t] > 3)
     stop = tok.convert_ids_to_tokens(free.tokens[k])
     first = next(t for t in range(12) if stop in tok.decode(free.tokens[: t + 1]))  # may be before k
-    out = greedy(model, [prompt], n=2, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
+    out = greedy(generate, model, [prompt], n=2, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
     for c in out[0]:
         assert c.tokens == free.tokens[: first + 1]
         assert c.finish_reason == "stop"
         assert c.text == tok.decode(c.tokens, skip_special_tokens=True) and stop in c.text
 
 
-def test_eos_text_and_helpers(with_tokenizer):
+def test_eos_text_and_helpers(with_tokenizer, generate):
     _, model, tok = with_tokenizer
     assert eos_ids_of(tok) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")})
     prompt = chat_prompt(tok, "system", "hello world")
     msgs = [{"role": "system", "content": "system"}, {"role": "user", "content": "hello world"}]
     assert prompt == tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False)
-    free = greedy(model, [prompt], max_new_tokens=10)[0][0]
+    free = greedy(generate, model, [prompt], max_new_tokens=10)[0][0]
     eos = [free.tokens[4]]
-    c = greedy(model, [prompt], max_new_tokens=10, eos_ids=eos, tokenizer=tok)[0][0]
+    c = greedy(generate, model, [prompt], max_new_tokens=10, eos_ids=eos, tokenizer=tok)[0][0]
     assert c.finish_reason == "eos" and c.tokens[-1] == eos[0]
     assert c.text == tok.decode(c.tokens, skip_special_tokens=True)
 
@@ -356,7 +377,7 @@ def test_chat_prompt_fallback_without_template():
     assert ids == tok.encode("system: system\nuser: hello world\nassistant:", add_special_tokens=False)
 
 
-def test_bad_requests_raise_value_error(models):
+def test_bad_requests_raise_value_error(models, generate):
     model, _ = models["qwen3"]
     with pytest.raises(ValueError):
         generate(model, [])
@@ -370,30 +391,23 @@ def test_bad_requests_raise_value_error(models):
 
 
 def row_bytes(model, max_len):  # the pages of one row of max_len slots
-    return KVCache.pages_for(max_len) * PAGE * KVCache.token_bytes(model.config, torch.float32)
+    return pages_for(max_len) * PAGE * KVCache.token_bytes(model.config, torch.float32)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_memory_budget_serves_every_completion(models, monkeypatch, rows):
+def test_memory_budget_serves_every_completion(models, rows):
     model, _ = models["qwen3"]
     prompts = rand_prompts([5, 9, 14], seed=10)
     n, max_new = 3, 10
-    free = greedy(model, prompts, n=n, max_new_tokens=max_new)
+    free = greedy(engine.generate, model, prompts, n=n, max_new_tokens=max_new)
     eos = [free[0][0].tokens[2], free[2][0].tokens[7]]  # rows finish at different steps, so rows get refilled
-    unconstrained = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos)
-    max_len = 14 + max_new
-    budget = rows * row_bytes(model, max_len)
-    allocs = []
-    new_cache = model.new_cache
-
-    def recording(batch, max_len, pages=None, **kw):
-        allocs.append((batch, max_len, pages))
-        return new_cache(batch, max_len, pages, **kw)
-
-    monkeypatch.setattr(model, "new_cache", recording)
-    out = greedy(model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos, memory_budget=budget)
-    # one cache: as many rows as the budget holds at max_new_tokens each, each row owning its max_len slots
-    assert allocs == [(rows, max_len, None)]
+    unconstrained = greedy(engine.generate, model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos)
+    budget = rows * row_bytes(model, 14 + max_new)
+    st = {}
+    out = greedy(engine.generate, model, prompts, n=n, max_new_tokens=max_new, eos_ids=eos, memory_budget=budget,
+                 stats=st)
+    # as many rows as the budget holds at max_new_tokens each, each row owning its max_len slots (not paged)
+    assert (st["rows"], st["peak_rows"], st["paged"]) == (rows, rows, False)
     assert len(out) == 3 and all(len(row) == n for row in out)
     assert toks(out) == toks(unconstrained)
     assert [[c.finish_reason for c in r] for r in out] == [[c.finish_reason for c in r] for r in unconstrained]
@@ -405,10 +419,11 @@ def test_rows_sized_by_expected_length_hold_more_in_flight_and_preemption_change
     budget keeps more rows in flight than rows of max_len would (the old cache). When answers run longer than
     expected and pages run out, the newest rows are preempted and started again: the same completions."""
     model, _ = models["qwen3"]
+    generate = engine.generate
     prompts = rand_prompts([6, 9, 12, 7], seed=21)
     max_new = 64
     budget = 4 * row_bytes(model, 12 + max_new)  # the old cache: 4 rows of max_len
-    free = greedy(model, prompts, n=4, max_new_tokens=max_new)
+    free = greedy(generate, model, prompts, n=4, max_new_tokens=max_new)
     eos = sorted({c.tokens[3] for row in free for c in row[:1]})  # most answers end after a few tokens
     kw = dict(n=4, max_new_tokens=max_new, temperature=1.0, top_p=0.95, eos_ids=eos, seed=[3, 4, 5, 6])
     ample, old, short, tight = {}, {}, {}, {}
@@ -418,8 +433,8 @@ def test_rows_sized_by_expected_length_hold_more_in_flight_and_preemption_change
     got_tight = generate(model, prompts, memory_budget=budget // 4, expected_new_tokens=2, stats=tight, **kw)
     lens = [len(c.tokens) for row in want for c in row]
     assert min(lens) < 10 and max(lens) == max_new  # short answers, and some that run to the cap
-    assert old["rows"] == 4 and old["preempted"] == 0
-    assert short["peak_rows"] > 2 * old["peak_rows"]
+    assert old["rows"] == 4 and old["preempted"] == 0 and not old["paged"]
+    assert short["peak_rows"] > 2 * old["peak_rows"] and short["paged"]
     assert tight["preempted"] > 0
     assert toks(got_old) == toks(got_short) == toks(got_tight) == toks(want)
     for a, b in zip((c for r in got_tight for c in r), (c for r in want for c in r)):  # other batches: float noise

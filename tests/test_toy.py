@@ -238,6 +238,7 @@ def test_heldout_accuracy_and_question_stats(tiny_toy):
 
 def test_heldout_accuracy_on_scripted_answers(tiny_toy, monkeypatch):
     """greedy, mean@k and maj@k (the method's majority vote: equivalence, ties to the first answer) by hand."""
+    import engine
     import sample
     from transformers import AutoTokenizer
 
@@ -253,7 +254,7 @@ def test_heldout_accuracy_on_scripted_answers(tiny_toy, monkeypatch):
         rows = greedy if temperature == 0.0 else sampled
         return [[sample.Completion([], [], "eos", t) for t in r] for r in rows]
 
-    monkeypatch.setattr(sample, "generate", fake)
+    monkeypatch.setattr(engine, "generate", fake)
     res = toy.heldout_accuracy(None, AutoTokenizer.from_pretrained(tiny_toy[0]), probs, k=3)
     assert calls == [(1, 0.0), (3, 1.0)]  # one greedy call and one sampled call over all problems
     assert (res["n"], res["greedy"]) == (3, pytest.approx(2 / 3))

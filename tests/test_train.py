@@ -259,8 +259,9 @@ SOLVER_ANSWERS = {Q_A: ["\\boxed{2}", "so \\boxed{2.0}", "\\boxed{3}", "none"], 
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
-    """A train.Run on conftest's tokenizer, and sample.generate replaced by scripted Challenger and Solver text:
+    """A train.Run on conftest's tokenizer, and engine.generate replaced by scripted Challenger and Solver text:
     returns (run, calls, script): calls records every generate call, script["challenger"] the Challenger's texts."""
+    import engine
     import sample
     import solver
     import train
@@ -282,7 +283,7 @@ def fake_run(tmp_path, monkeypatch):
             return [[sample.Completion([], [], "eos", texts[i % len(texts)])] for i in range(len(prompts))]
         return [[sample.Completion([], [], "eos", t) for t in by_prompt[tuple(p)][:n]] for p in prompts]
 
-    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(engine, "generate", fake_generate)
     monkeypatch.setattr(train, "frozen", lambda path, device, dtype: ("frozen", path))  # the fake needs no model
     return train.Run(c, "base", tok, torch.device("cpu"), torch.float32), calls, script
 
