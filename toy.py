@@ -19,8 +19,10 @@ only nearby numbers (a far copy late in a long chain stayed at 0% after 900 step
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
 training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.
 """
+import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,6 +32,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+import challenger
+import engine
+import sample
+import solver
+from model import ModelConfig, Transformer
+from runtime import atomic, resolve_model, write_text
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # PAD, turn start, EOS (Qwen's names)
 CHAT_TEMPLATE = (
@@ -128,13 +137,7 @@ def solve(problem: str) -> int | None:
     terms = parse(problem)
     if terms is None:
         return None
-    total = 0
-    for t in terms:
-        prod = 1
-        for f in t:
-            prod *= f
-        total += prod
-    return total
+    return sum(math.prod(t) for t in terms)
 
 
 def difficulty(problem: str) -> int | None:
@@ -159,9 +162,9 @@ def check_answer(problem: str, answer_text: str) -> bool:
     return re.fullmatch(r"[+-]?\d{1,12}", ans) is not None and int(ans) == truth
 
 
-def is_heldout(problem: str, mod: int = HELDOUT_MOD) -> bool:
+def is_heldout(problem: str) -> bool:
     terms = parse(problem)
-    return terms is not None and zlib.crc32(render(terms).encode()) % mod == 0
+    return terms is not None and zlib.crc32(render(terms).encode()) % HELDOUT_MOD == 0
 
 
 def sample_problem(level: int, rng: random.Random) -> str:
@@ -184,28 +187,22 @@ def distinct_problems(n: int, seed: int, keep) -> list[str]:
     return out
 
 
-def heldout_problems(n: int = 512, seed: int = 1234, mod: int = HELDOUT_MOD) -> list[str]:
+def heldout_problems(n: int = 512, seed: int = 1234) -> list[str]:
     """n distinct held-out problems, an equal share from each level (measurement only)."""
-    return distinct_problems(n, seed, lambda p: is_heldout(p, mod))
+    return distinct_problems(n, seed, is_heldout)
 
 
 def write_problems(path: str, n: int = 272, seed: int = 99) -> None:
     """n distinct problems, not held out, an equal share per level, as JSON Lines {"problem": ...}: for --ttrl."""
-    from runtime import write_text
-
     problems = distinct_problems(n, seed, lambda p: not is_heldout(p))
     write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in problems))
 
 
 def build_tokenizer():
     """One token per character (digits read one by one make arithmetic learnable for a tiny model), but the chat
-    roles, the fixed prompts and the format tags are single tokens: short documents pretrain faster. A plain
-    tokenizer.json: transformers, sample.py and train.py use it like any other."""
+    roles, the fixed prompts and the format tags are single tokens: short documents pretrain faster."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
-    from solver import SOLVER_SYSTEM
 
     chars = ["\n"] + [chr(i) for i in range(32, 127)]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
@@ -213,8 +210,8 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")  # "." matches any character but newline
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIAL_TOKENS])
-    words = ["system", "user", "assistant", SOLVER_SYSTEM, CHALLENGER_SYSTEM, CHALLENGER_USER, "<question>",
-             "</question>", "\\boxed{", "What is "]
+    words = ["system", "user", "assistant", solver.SOLVER_SYSTEM, challenger.CHALLENGER_SYSTEM,
+             challenger.CHALLENGER_USER, "<question>", "</question>", "\\boxed{", "What is "]
     tok.add_tokens([AddedToken(w, normalized=False) for w in words])
     t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                 unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
@@ -230,12 +227,8 @@ class Corpus:
     """An endless stream of pretraining documents (token ids), none of them a held-out problem."""
 
     def __init__(self, tokenizer, cfg: ToyConfig):
-        from challenger import challenger_prompt
-        from solver import solver_prompt
-
         self.tok, self.cfg, self.rng = tokenizer, cfg, random.Random(cfg.seed)
-        self.solver_prompt = solver_prompt
-        self.challenger_ids = challenger_prompt(tokenizer)  # the same prompt for every Challenger document
+        self.challenger_ids = challenger.challenger_prompt(tokenizer)  # the same prompt for every Challenger document
 
     def problem(self, weights: tuple) -> str:
         while True:
@@ -248,7 +241,7 @@ class Corpus:
         p = self.problem(self.cfg.challenger_levels if kind == "challenger" else self.cfg.levels)
         if kind == "challenger":
             return self.challenger_ids + self.tok.encode(challenger_completion(p)) + eos
-        return self.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
+        return solver.solver_prompt(self.tok, p) + self.tok.encode(worked_solution(p)) + eos
 
     def batches(self, rows: int, seq_len: int):
         """Endless (rows, seq_len + 1) batches cut from one stream of documents: no padding, every level in each."""
@@ -261,8 +254,6 @@ class Corpus:
 
 
 def new_model(cfg: ToyConfig, tokenizer):
-    from model import ModelConfig, Transformer
-
     mc = ModelConfig(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                      num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
@@ -312,8 +303,6 @@ def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) 
     losses = pretrain(model, Corpus(tokenizer, cfg), cfg, log_every)
     stats = {"config": asdict(cfg), "params": model.num_params(), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
              "build_seconds": round(time.time() - t0, 1)}
-    from runtime import atomic
-
     with atomic(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
@@ -324,12 +313,9 @@ def build_toy(out_dir: str, cfg: ToyConfig = ToyConfig(), log_every: int = 100) 
 
 def cache_key(cfg: ToyConfig) -> str:
     """Changes with the settings, the prompts and the document formats, so any of them rebuilds the world."""
-    from challenger import CHALLENGER_SYSTEM, CHALLENGER_USER
-    from solver import SOLVER_SYSTEM
-
     p = "What is 379 * 4 + 83 * 7?"
-    key = [BUILD_VERSION, asdict(cfg), CHALLENGER_SYSTEM, CHALLENGER_USER, SOLVER_SYSTEM, CHAT_TEMPLATE, str(LEVELS),
-           challenger_completion(p), worked_solution(p)]
+    key = [BUILD_VERSION, asdict(cfg), challenger.CHALLENGER_SYSTEM, challenger.CHALLENGER_USER, solver.SOLVER_SYSTEM,
+           CHAT_TEMPLATE, str(LEVELS), challenger_completion(p), worked_solution(p)]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
 
@@ -343,21 +329,16 @@ def toy_path(rebuild: bool = False, cfg: ToyConfig = ToyConfig()) -> str:
     return path
 
 
-def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, temperature: float = 1.0,
-                     max_new_tokens: int = 192, seed: int = 0) -> dict:
-    """A Solver's true greedy, mean@k and maj@k (at `temperature`), overall and by difficulty: one call per mode."""
-    import engine
-    import sample
-    from solver import majority_vote, solver_prompt
-
-    prompts = [solver_prompt(tokenizer, p) for p in problems]
+def heldout_accuracy(model, tokenizer, problems: list[str], k: int = 4, max_new_tokens: int = 192) -> dict:
+    """A Solver's true greedy, mean@k and maj@k (at T = 1), overall and by difficulty: one call per mode."""
+    prompts = [solver.solver_prompt(tokenizer, p) for p in problems]
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=sample.eos_ids_of(tokenizer), tokenizer=tokenizer)
     greedy = engine.generate(model, prompts, n=1, temperature=0.0, **kw)
-    sampled = engine.generate(model, prompts, n=k, temperature=temperature, seed=seed, **kw)
+    sampled = engine.generate(model, prompts, n=k, temperature=1.0, seed=0, **kw)
     rows = []
     for p, g, s in zip(problems, greedy, sampled):
         answers = [_last_boxed(c.text or "") or None for c in s]
-        maj = majority_vote(answers).majority  # the method's vote: ties go to the answer seen first
+        maj = solver.majority_vote(answers).majority  # the method's vote: ties go to the answer seen first
         rows.append((difficulty(p), check_answer(p, g[0].text or ""),
                      sum(check_answer(p, a or "") for a in answers) / k, check_answer(p, maj or "")))
 
@@ -390,8 +371,6 @@ def measure(solver_path, iteration_dir=None, problems=512, k=4, max_new_tokens=1
     """The checker on what a run wrote: held-out accuracy, and for an iteration pseudo-label accuracy and questions."""
     from transformers import AutoTokenizer
 
-    from model import Transformer
-
     model = Transformer.from_pretrained(solver_path, dtype=dtype, device=device).eval().requires_grad_(False)
     res = heldout_accuracy(model, AutoTokenizer.from_pretrained(solver_path), heldout_problems(problems), k=k,
                            max_new_tokens=max_new_tokens)
@@ -414,12 +393,6 @@ def columns(k: int) -> list:
 
 def main():
     """Rebuild a toy world from scratch (this machine's own) and measure its base model, or measure a world folder."""
-    import argparse
-
-    import engine
-    import sample
-    from challenger import challenger_prompt, parse_question
-    from model import Transformer
     from transformers import AutoTokenizer
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -428,7 +401,6 @@ def main():
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--k", type=int, default=10)
     a = ap.parse_args()
-    from runtime import resolve_model
     path = resolve_model(a.measure) if a.measure else toy_path(rebuild=True, cfg=ToyConfig(seed=a.seed))
     with open(os.path.join(path, "toy.json")) as f:
         print(f"{path}: {json.load(f)}")
@@ -442,9 +414,9 @@ def main():
     for d, r in [("all", res)] + list(res["by_difficulty"].items()):
         print(f"  difficulty {d:>3}: n={r['n']:4d}  {r['greedy']:.3f} / {r['mean_at_k']:.3f} / {r['maj_at_k']:.3f}")
     t0 = time.time()
-    outs = engine.generate(model, [challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
+    outs = engine.generate(model, [challenger.challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
                            eos_ids=sample.eos_ids_of(tok), tokenizer=tok, seed=0)
-    qs = [parse_question(c.text) for c in outs[0]]
+    qs = [challenger.parse_question(c.text) for c in outs[0]]
     st = question_stats(qs)
     print(f"base Challenger ({time.time() - t0:.0f}s): parsable {sum(q is not None for q in qs) / len(qs):.3f}, "
           f"valid {st['valid']:.3f}, distinct {st['distinct']:.3f}, mean difficulty {st['mean_difficulty']:.2f}, "
