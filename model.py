@@ -1,15 +1,14 @@
 """The decoder-only transformer that R-Zero trains, written out by hand, loading Hugging Face checkpoints.
 
-One module covers the families the paper and its peers use: Qwen3 (Qwen3-4B/8B-Base: RMSNorm on each head of q
-and k, explicit head_dim), Qwen2 / Qwen2.5 (bias on q, k and v), Llama 3 (OctoThinker-3B/8B: "llama3" RoPE
-scaling); all with grouped-query attention, RMSNorm, SwiGLU, rotate-half RoPE (the checkpoints' own convention:
-no weight permutation), tied or untied embeddings. Loading is `load_state_dict(strict=True, assign=True)` on a
-module built on the meta device: no random init, no second copy of the weights.
+One module covers Qwen3 (Qwen3-4B/8B-Base: RMSNorm on each head of q and k, explicit head_dim), Qwen2 / Qwen2.5
+(bias on q, k and v) and Llama 3 (OctoThinker-3B/8B: "llama3" RoPE scaling): grouped-query attention, RMSNorm,
+SwiGLU, rotate-half RoPE (the checkpoints' own convention: no weight permutation), tied or untied embeddings. A module
+built on the meta device loads with `load_state_dict(strict=True, assign=True)`: no random init, no second copy.
 
-The training forward and the decode forward are the same function; the KV cache is an argument that does the
-attention read (KVCache here; engine.PagedKVCache over pages).
-Batches without a cache are right-padded and need no mask (a real token never attends to a later pad). Left out
-on purpose: sliding-window attention (off in every checkpoint we target), RoPE other than default/llama3, dropout.
+The training and decode forwards are one function; the KV cache is an argument that does the attention read (KVCache
+here; engine.PagedKVCache over pages). Batches without a cache are right-padded and need no mask (a real token never
+attends to a later pad). Left out on purpose: sliding-window attention (off in every checkpoint we target), RoPE
+other than default/llama3, dropout.
 """
 import json
 import math
@@ -109,10 +108,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of `rows` sequences of up to max_len tokens, pre-allocated: (n_layer, rows, max_len, n_kv,
-    hd), static shapes (as gpt-fast). Slot = position, so rows of different lengths need no left padding: a query
-    at position p attends to its row's slots 0..p, read in place. engine.PagedKVCache keeps the same contract in a
-    pool of pages that rows take as they grow."""
+    """Keys and values pre-allocated, (n_layer, rows, max_len, n_kv, hd): static shapes (as gpt-fast). Slot =
+    position, so rows of different lengths need no left padding: a query at position p reads its row's slots 0..p in
+    place. engine.PagedKVCache keeps the same contract in a pool of pages."""
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
@@ -243,9 +241,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, D) or (B, T, vocab)
 
-    def new_cache(self, batch, max_len, dtype=None):
-        """`batch` rows of up to max_len slots, in the model's dtype and on its device."""
-        return KVCache(self.config, batch, max_len, dtype or self.embed_tokens.weight.dtype, self.inv_freq.device)
+    def new_cache(self, batch, max_len):
+        return KVCache(self.config, batch, max_len, self.embed_tokens.weight.dtype, self.inv_freq.device)
 
     @staticmethod
     def hf_name(name):  # ours are the checkpoints' names without the leading "model."
@@ -277,8 +274,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state_dict, hf_config=None, dtype=None, device=None):
-        """A model holding state_dict's tensors (lm_head.weight optional when tied), cast to dtype / moved to device
-        when given. Built on the meta device: no random init; a tensor needing no cast or move is used, not copied."""
+        """A model holding state_dict's tensors (cast / moved when given; lm_head.weight optional when tied), built on
+        the meta device: no random init, and a tensor needing no cast or move is used, not copied."""
         with torch.device("meta"):
             model = cls(cfg, hf_config)
         sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
@@ -295,10 +292,9 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, write=True, max_shard_bytes=5 * 10**9):
-        """Writes config.json and the weights as transformers does: model.safetensors, or shards of at most
-        max_shard_bytes with model.safetensors.index.json. Streamed: the shards are planned from sizes first, and an
-        FSDP2 model's weights are gathered one at a time, so no rank holds the whole model (every rank calls this;
-        only those with `write` write). Not atomic: callers write a fresh temporary folder and rename it."""
+        """config.json and the weights as transformers writes them (shards of at most max_shard_bytes past one file),
+        streamed: an FSDP2 model's weights are gathered one at a time (every rank calls this; those with `write`
+        write). Not atomic: callers write a fresh temporary folder and rename it."""
         sd = {k: v for k, v in self.state_dict().items() if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         shards, size = [[]], 0  # a tied head is the embedding's tensor: safetensors refuses aliases
         for k, v in sd.items():
@@ -347,11 +343,15 @@ def weight_files(path) -> dict:
             return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
     if not os.path.isfile(single):
         raise FileNotFoundError(f"model folder {path!r} has no model.safetensors or model.safetensors.index.json")
+    return dict.fromkeys(weight_names(single), single)
+
+
+def weight_names(file) -> list:
     try:
-        with safetensors.safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        with safetensors.safe_open(file, framework="pt") as f:
+            return list(f.keys())
     except Exception as e:  # safetensors raises its own error type on a truncated or corrupt file
-        raise ValueError(f"cannot read weights file {single!r}: {e}") from None
+        raise ValueError(f"cannot read weights file {file!r}: {e}") from None
 
 
 def read_config(path) -> dict:  # a model folder's config.json
@@ -369,10 +369,6 @@ def check_folder(path):
     if not files:
         raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
     for file in files:
-        try:
-            with safetensors.safe_open(os.path.join(path, file), framework="pt") as f:
-                f.keys()
-        except Exception as e:
-            raise ValueError(f"cannot read weights file {os.path.join(path, file)!r}: {e}") from None
+        weight_names(os.path.join(path, file))
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise FileNotFoundError(f"model folder {path!r} has no tokenizer.json, tokenizer.model or vocab.json")
