@@ -9,7 +9,6 @@ decodes one prompt's group to its end; the engine keeps B rows busy:
 - The pool, `memory_budget` bytes: if it holds every row at prompt + max_new_tokens, rows own their slots
   (model.KVCache). Else it is pages (PagedKVCache) that rows take as they grow: B rows fit at expected_new_tokens
   each, and when rows outgrow the pool the newest is preempted and requeued, to be recomputed (as vLLM does).
-  sizing and attention_bytes are the engine's numbers, which memory.py plans with.
 - Attention over pages reads each page where it lies, once, against its own row's queries (a KV head's query heads
   folded into one matrix), and sums each page's share into its row: no copy, no padding to the longest row, plain
   torch ops that run eagerly on a CPU (on CUDA, FlexAttention's paged block mask would fuse the same reads).
@@ -42,9 +41,8 @@ def pages_for(length):
 
 
 def sizing(cfg, dtype, jobs, longest_prompt, max_new_tokens, memory_budget, expected_new_tokens=None):
-    """How a request is served (Engine and memory.py's plan both use this) -> (pages, rows, paged). The pool: the
-    budget, but no more than every job at its longest and at least one row of it; rows: as many as the pool holds
-    at the longest prompt + expected_new_tokens each; paged: unless the pool holds every row at its longest."""
+    """(pages, rows, paged) of a request, for Engine and memory.py's plan. The pool: the budget, within [one row, every
+    job] at its longest; rows: as many as it holds at expected_new_tokens; paged: unless it holds every row."""
     max_len = longest_prompt + max_new_tokens
     pages = max(min(memory_budget // (PAGE * KVCache.token_bytes(cfg, dtype)), jobs * pages_for(max_len)),
                 pages_for(max_len))
@@ -53,23 +51,19 @@ def sizing(cfg, dtype, jobs, longest_prompt, max_new_tokens, memory_budget, expe
     return pages, rows, rows * pages_for(max_len) > pages
 
 
-def attention_bytes(cfg, dtype, rows, pages, T=1):
-    """(bytes moved, bytes of temporaries) of one layer's PagedKVCache.attend, op by op: `pages` pages read in
-    place against their rows' T queries, summed into `rows` rows."""
+def attention_bytes(cfg, dtype, rows, pages):
+    """Bytes one decode step of one layer's PagedKVCache.attend moves, op by op: `pages` pages read in place."""
     b, nh, hd, n_kv = dtype.itemsize, cfg.num_attention_heads, cfg.head_dim, cfg.num_key_value_heads
-    x = pages * nh * T  # (page, query head) pairs
-    kv = 2 * pages * PAGE * n_kv * hd * b + 2 * rows * T * n_kv * hd * b  # each page read once; the new k, v
+    x = pages * nh  # (page, query head) pairs
+    kv = 2 * pages * PAGE * n_kv * hd * b + 2 * rows * n_kv * hd * b  # each page read once; the new k, v
     # queries per page (written, read); float32 scores (written, masked, max, shifted, exp, summed, read by @ V);
     # the pages' shares of each row's output (written, summed into the row); the rows' outputs
-    moved = kv + 2 * x * hd * b + 10 * x * PAGE * 4 + 2 * x * hd * 4 + 2 * rows * nh * T * hd * 4
-    return moved, x * hd * b + x * PAGE * 4 + x * hd * 4 + rows * nh * T * hd * 4
+    return kv + 2 * x * hd * b + 10 * x * PAGE * 4 + 2 * x * hd * 4 + 2 * rows * nh * hd * 4
 
 
 class PagedKVCache:
-    """Keys and values of every layer in a pool of pages, (n_layer, pages + 1, n_kv, PAGE, hd), and a page table per
-    row: slot s of row r is slot s % PAGE of page table[r, s // PAGE]. Slot index == position, as in model.KVCache,
-    whose contract (write, attend, copy_rows, keep_rows) this keeps; rows take pages as they grow (grow, release).
-    Page 0 is scratch: unassigned entries point to it, so writes of free rows land where no row reads."""
+    """model.KVCache's contract over a pool of pages, (n_layer, pages + 1, n_kv, PAGE, hd): slot s of row r is slot
+    s % PAGE of page table[r, s // PAGE]. Page 0 is scratch: free rows' writes land there, where no row reads."""
 
     def __init__(self, cfg, rows, pages, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, pages + 1, cfg.num_key_value_heads, PAGE, cfg.head_dim)
@@ -161,8 +155,7 @@ class PagedKVCache:
 
 
 class Prefill:
-    """A cache as a prefill of fresh rows sees it: the keys and values go where the rows keep them (`rows` of
-    `cache`), and attention reads the prompt's own, with the kernel a decode step on model.KVCache uses."""
+    """A prefill of fresh rows: writes into `rows` of `cache`, attends to the prompt's own keys and values."""
 
     def __init__(self, cache, rows):
         self.cache, self.rows = cache, rows
@@ -174,10 +167,8 @@ class Prefill:
 
 @torch.no_grad()
 def generate(model, prompts, stats=None, **request):
-    """[len(prompts)][n] Completions: sample.generate's samples of sample.generate's request, served by an Engine
-    (whose arguments add memory_budget, expected_new_tokens, progress and sync_every). stats: a dict to receive
-    rows, paged, peak_rows, preempted, pages, steps and the bytes the steps' attention moved (kv_moved) against
-    each live row's tokens read once (kv_ideal)."""
+    """sample.generate's samples of its request, served by an Engine. stats: a dict to receive Engine.stats (kv_moved:
+    the bytes the steps' attention moved; kv_ideal: each live row's tokens read once)."""
     engine = Engine(model, prompts, **request)
     results = engine.run()
     if stats is not None:
@@ -191,9 +182,8 @@ class Engine:
     def __init__(self, model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
                  stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
                  progress=False, sync_every=None):
-        """memory_budget: bytes of keys and values; rows in flight are as many as they hold at expected_new_tokens
-        each (default max_new_tokens: no preemption). sync_every: decode steps between the host's looks (default
-        1 on a CPU, 8 on CUDA; always 1 with stop strings). progress: show how far the call is (Progress)."""
+        """memory_budget: bytes of keys and values (sizing); sync_every: decode steps between the host's looks
+        (default 1 on a CPU, 8 on CUDA; 1 with stop strings); progress: show how far the call is (Progress)."""
         self.seeds = check_request(prompts, stop_strings, tokenizer, seed)
         self.model, self.prompts, self.max_new = model, prompts, max_new_tokens
         self.sampling = temperature, top_p, top_k
@@ -291,8 +281,7 @@ class Engine:
                                                             self.max_new) for q in take]).to(self.dev)
 
     def sample(self):
-        """Each row's next token from its logits and its next uniform; rows that end are marked on the device.
-        -> the host's stop-string flags (B,), or None without stop strings."""
+        """Each row's next token; rows that end are marked on the device -> stop-string flags (B,) or None."""
         at = torch.arange(self.B, device=self.dev), self.n_gen  # (row, step): past its end, the spare column
         tok, lp = sample_next(self.logits, *self.sampling, self.u[at])  # (B,), (B,)
         self.out_tok[at], self.out_lp[at] = tok, lp
@@ -320,7 +309,7 @@ class Engine:
                                  kv_len=kv_len)[:, -1].float()  # (B, V)
         self.pos_d += self.live  # rows that ended stay put (writing their last slot again)
         cfg = self.model.config
-        moved = cfg.num_hidden_layers * attention_bytes(cfg, self.cache.k.dtype, self.B, self.cache.read)[0] \
+        moved = cfg.num_hidden_layers * attention_bytes(cfg, self.cache.k.dtype, self.B, self.cache.read) \
             if self.paged else \
             self.B * kv_len * self.token_bytes  # model.KVCache: every row's slots up to kv_len
         self.stats["steps"] += 1
