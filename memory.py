@@ -76,9 +76,8 @@ def n_params(s: ModelConfig):
 
 
 def act_bytes(s: ModelConfig, b):
-    """Bytes per token that autograd keeps for one block's backward (model.Block), the block's input included,
-    in compute dtype b (2 or 4). Counted with saved_tensors_hooks: each RMSNorm keeps its float32 input (a
-    copy when b = 2) and its normalised output; q/k-norm, RoPE and attention keep their outputs; SwiGLU 4 x I."""
+    """Bytes per token autograd keeps for one block's backward, its input included, in compute dtype b (2 or 4), as
+    saved_tensors_hooks counted them: RMSNorm keeps its float32 input and its output; SwiGLU 4 x I."""
     D, q, kv, I = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, s.intermediate_size
     heads = (2 * b + (8 if b == 4 else 6) * s.qk_norm) * (q + kv)
     return (24 if b == 4 else 16) * D + heads + 4 * b * I
@@ -225,8 +224,7 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
 
 
 def check(c, folder, world, device, challenger_prompt_tokens):
-    """The plan of a starting train.py (its ranks, model folder, prompt) -> None if it fits in --gpu-memory-gb
-    (default: the GPU's; no limit on a CPU), else why not, in one sentence."""
+    """None if a starting train.py's plan fits in --gpu-memory-gb (default: the GPU's; CPU: no limit), else why not."""
     cuda = device.type == "cuda"
     limit = c.gpu_memory_gb or (torch.cuda.get_device_properties(device).total_memory / GiB if cuda else 0)
     pc = PlanConfig(gpus=world, challenger_prompt_tokens=challenger_prompt_tokens)
@@ -234,9 +232,8 @@ def check(c, folder, world, device, challenger_prompt_tokens):
 
 
 def profile(c, folder, world, cuda, prompt_tokens, seconds, peaks):
-    """--profile: each phase's time and measured peak (peaks: one {phase: (allocated, reserved)} per rank, the largest
-    counts; CUDA's allocator reserves more than it allocates) beside the plan -> (the table's lines, profile.json's
-    content). prompt_tokens: (Challenger, longest Solver prompt)."""
+    """--profile: each phase's time and measured peak (the largest rank's {phase: (allocated, reserved)}) beside the
+    plan -> (the table's lines, profile.json's content). prompt_tokens: (Challenger, longest Solver prompt)."""
     pc = PlanConfig(gpus=world, challenger_prompt_tokens=prompt_tokens[0], solver_prompt_tokens=prompt_tokens[1])
     phases, rows = plan(c, shape_of(dataclasses.replace(c, model=folder)), pc, cuda=cuda)
     table = {k: dict(seconds=seconds.get(k, 0.0), peak=max(p.get(k, (0, 0))[0] for p in peaks),
@@ -272,17 +269,10 @@ def _storages(objs):
     return out.values()
 
 
-def _census():
-    """Every tensor storage the interpreter can reach (silencing deprecated attributes that warn when looked at)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return _storages(gc.get_objects())
-
-
 class peak_memory(TorchDispatchMode):
-    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block (all alive counted), and
-    m.reserved. CUDA: max_memory_allocated and max_memory_reserved. CPU (reserved = bytes): a census, then each storage an op creates counts until its Python handle (which
-    lives as long as it) is finalized, on any thread (torch.profiler misses gloo's frees); FSDP resizes too. Slow."""
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block, and m.reserved. CUDA:
+    the allocator's peaks. CPU (slow): a census of every storage, then each one an op creates counts until its Python
+    handle is finalized, on any thread (torch.profiler misses gloo's frees); FSDP's resizes too."""
 
     def __init__(self, device):
         super().__init__()
@@ -294,7 +284,9 @@ class peak_memory(TorchDispatchMode):
             torch.cuda.reset_peak_memory_stats()
             return self
         self.live, self.sizes = 0, {}
-        self._track(_census())
+        with warnings.catch_warnings():  # deprecated attributes warn when looked at
+            warnings.simplefilter("ignore", FutureWarning)
+            self._track(_storages(gc.get_objects()))
         self.bytes, resize = self.live, torch.UntypedStorage.resize_
 
         def resize_(st, n):  # FSDP2 frees and re-allocates gathered weights by resizing their storage
