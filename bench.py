@@ -78,9 +78,8 @@ PRESETS = {
 
 
 def measure(fn, dev, profile_memory):
-    """Runs fn once -> (result, wall s, process CPU s, peak bytes of the live tensors it allocated (cache, logits,
-    activations, gradients; not the weights), or None). CUDA: max_memory_allocated. CPU: the running sum of the
-    profiler's allocation events (the RSS adds allocator slack that varies); it slows the run: only profile_memory."""
+    """Runs fn once -> (result, wall s, process CPU s, peak bytes of the tensors it allocated, or None). CUDA:
+    max_memory_allocated; CPU: the profiler's running sum of allocations (the RSS adds varying slack; slow)."""
     cuda, prof = dev == "cuda", torch.profiler.profile(profile_memory=True) if profile_memory else None
     if cuda:
         torch.cuda.synchronize()
@@ -118,8 +117,7 @@ def machine_roofline(cfg, dtype):
 
 
 class Costs:
-    """Useful FLOPs and minimal bytes of the workloads, from the model's shape. Useful work prefills each prompt once
-    and skips padding and finished rows; minimal bytes: the weights once per decode step + each token's KV reads."""
+    """Useful FLOPs (no padding, no finished rows) and minimal bytes (the weights once per step) of the workloads."""
 
     def __init__(self, c, dtype):
         attn = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * 2  # q,k,v,o
@@ -194,8 +192,7 @@ def train_hf(hf, ids, mask):
 
 
 def decode_compiled(model, prompt, cfg):
-    """Batch-1 decode through a torch.compile'd step. Static shapes (every step attends over all max_len
-    slots, masked) so the step compiles once and, on CUDA, replays as one CUDA graph."""
+    """Batch-1 decode through a torch.compile'd step: static shapes (all max_len slots, masked) compile once."""
     dev, max_len = cfg.device, len(prompt) + cfg.decode_tokens
     cache = model.new_cache(1, max_len)
     step = torch.compile(lambda tok, pos: model(tok, cache=cache, input_pos=pos, kv_len=max_len)[:, -1],
@@ -260,7 +257,7 @@ def bench_shape(cfg, shape, dtype):
                     raise
                 print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 del runs[name]
-    n_params = sum(p.numel() for p in ours.parameters())  # parameters() lists a tied weight once
+    n_params = ours.num_params()
     del hf, ours
     gc.collect()
 

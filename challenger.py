@@ -70,8 +70,7 @@ class ChallengerConfig:
 # ----------------------------------------------------------------------------- parsing
 
 def _last_question_span(text: str) -> tuple[int, int] | None:
-    """(start, end) of the content of the last <question>...</question>, as re.findall with the non-greedy
-    pattern <question>(.*?)</question> would find it, but by str.find: linear time on any input."""
+    """(start, end) of the last <question>(.*?)</question> as re.findall finds it, by str.find: linear time."""
     span, pos = None, 0
     # stops at the first opening tag with no closing tag after it: no later match exists
     while (s := text.find(OPEN, pos)) >= 0 and (e := text.find(CLOSE, s + len(OPEN))) >= 0:
@@ -99,11 +98,8 @@ def _ngrams(tokens, n) -> Counter:
 
 
 def bleu4(hyp: list[str], ref: list[str]) -> float:
-    """Sentence BLEU-4 of `hyp` against the single reference `ref`, the slow, obviously-correct path. Equal to
-    NLTK's sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1): p_n = clipped n-gram
-    matches / max(1, #hyp n-grams), a zero match count replaced by epsilon = 0.1 (Chen & Cherry's method 1, so a
-    hypothesis shorter than n tokens gets p_n = 0.1); 0 when no unigram matches; uniform weights; brevity
-    penalty exp(1 - |ref| / |hyp|) unless |hyp| > |ref|."""
+    """Sentence BLEU-4 of `hyp` against `ref`, the slow, obviously-correct path: NLTK's sentence_bleu([ref], hyp,
+    smoothing_function=SmoothingFunction().method1), so a zero match count counts 0.1."""
     if isinstance(hyp, str) or isinstance(ref, str):
         raise TypeError("bleu4 takes token lists (e.g. text.split()), not strings")
     log_p = 0.0
@@ -118,11 +114,8 @@ def bleu4(hyp: list[str], ref: list[str]) -> float:
 
 
 def bleu_matrix(sentences: list[list[str]]) -> np.ndarray:
-    """S[i, j] = bleu4(sentences[i], sentences[j]) for all pairs (row = hypothesis), diagonal set to 1.
-
-    The clipped match count sum_g min(c_i(g), c_j(g)) is symmetric in i and j, so it is accumulated once per
-    n-gram over the sentences that share it (an inverted index, vectorised with numpy); only the denominators
-    and the brevity penalty depend on which side is the hypothesis. Cost: sum over shared n-grams of df^2."""
+    """S[i, j] = bleu4(sentences[i], sentences[j]) (row = hypothesis), diagonal 1. The clipped match count is
+    symmetric in i and j: it is accumulated once per n-gram over the sentences that share it (an inverted index)."""
     B = len(sentences)
     L = np.array([len(s) for s in sentences], dtype=np.float64)  # (B,)
     log_p = np.zeros((B, B))
@@ -157,15 +150,9 @@ def bleu_distances(questions: list[str], symmetric: bool = True) -> np.ndarray:
 # ----------------------------------------------------------------------------- clustering
 
 def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray:
-    """Flat clusters of average-linkage (UPGMA) agglomerative clustering: merge the closest pair of clusters while
-    their average pairwise distance is < cut (strict, as sklearn's distance_threshold). Returns labels (B,)
-    numbered 0.. in order of first appearance. weights (B,): point i stands for weights[i] identical points
-    (their distance 0 merges them first), as cluster_sizes uses.
-
-    UPGMA is monotone (a merge never creates a closer pair), so stopping at the first merge >= cut gives the
-    dendrogram cut exactly. Each cluster lives in the row of its smallest member; every row keeps its nearest
-    neighbour, so a merge costs O(B) plus a rescan of the rows that pointed at the merged pair. Ties: the pair
-    with the lexicographically smallest (row, column) merges first, so results are deterministic."""
+    """Labels (B,) of average-linkage (UPGMA) clustering, merging while the closest pair is < cut (as sklearn's
+    distance_threshold; UPGMA is monotone, so this is the dendrogram's cut). weights[i]: point i is that many copies.
+    Each row keeps its nearest neighbour (ties: the smallest index), so a merge costs O(B) plus a rescan."""
     D = np.array(dist, dtype=np.float64)  # (B, B) copy, becomes the cluster-to-cluster distance matrix
     B = D.shape[0]
     if D.shape != (B, B):
@@ -198,10 +185,8 @@ def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray
 
 
 def cluster_sizes(questions: list[str], cut: float = 0.5, symmetric: bool = True) -> list[int]:
-    """|C(x_i)| for each question of the batch. Copies of a question of 4 or more tokens (the same whitespace tokens:
-    BLEU 1, distance 0, so they merge before anything else; a shorter copy's smoothed BLEU is below 1) are scored
-    once, as one point of their count: a Challenger that writes one long question 512 times costs one BLEU pair,
-    not 512^2, and gets the same clusters. Not at cut 0 (nothing merges), nor with the code's one-way BLEU."""
+    """|C(x_i)| for each question. Copies of a question of 4+ tokens (BLEU 1: they merge first; a shorter copy's
+    smoothed BLEU is below 1) are one point of their count: 512 copies cost one BLEU pair, with the same clusters."""
     if not questions:
         return []
     dedupe = symmetric and cut > 0  # only then do copies merge before anything else
@@ -231,10 +216,8 @@ def uncertainty_reward(p: float) -> float:
 
 def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig,
                        own_answers: list | None = None) -> tuple[list[float], list[dict]]:
-    """Rewards of a whole batch of B Challenger completions (every rank's, gathered): questions[i] is parse_question
-    of completion i (None: bad format), votes[i] the frozen Solver's vote on it (solver.Vote: .majority, .p; None
-    where the question is None), own_answers[i] the Challenger's own boxed answer (read only with
-    cfg.validity_gate). Also per-question stats (r_unc: the uncertainty term used)."""
+    """Rewards and per-question stats of a batch of B Challenger completions (every rank's): questions[i] is None for
+    a bad format, votes[i] the frozen Solver's solver.Vote on it, own_answers[i] (validity_gate only) its own answer."""
     if cfg.reward_variant not in ("paper", "code"):
         raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
     code = cfg.reward_variant == "code"

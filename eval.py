@@ -9,17 +9,14 @@ Rows are models; columns are benchmarks, MATH AVG and, if any, GENERAL AVG (MMLU
 MATH AVG). --out gets results.md, results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses,
 answers, reference, correctness), through temporary files once all is evaluated: a failed run overwrites nothing.
 
-Protocol (README, "The method"; the authors' evaluation/*.py). Math: the Solver prompt ("Question: ...\nAnswer:"
-text with --raw-prompt), greedy pass@1 or, with --k K, mean@K over K sampled responses (--k-only: the benchmarks
-that use it), graded by grader.is_equiv. General: the authors' user turn alone through the chat template, up to
-8192 new tokens, greedy. Multiple choice: question + "\nOptions are:\n(A): ...\n\n\n" + CHOICE_INSTRUCTION,
-graded on the letter in the last \boxed{}. BBEH: question + "\n\n" + REASON, matched as eval_bbeh.py does.
+Protocol (README, "The method"; the authors' evaluation/*.py). Math: the Solver prompt (--raw-prompt: "Question:
+...\nAnswer:"), greedy pass@1 or, with --k K, mean@K (--k-only: the benchmarks that use it), graded by
+grader.is_equiv. General: the authors' user turn alone through the chat template, greedy, graded on the letter in
+the last \boxed{} (multiple choice) or as eval_bbeh.py matches (BBEH).
 
 Benchmarks: JSON Lines files (a folder: its *.jsonl; name: the file's less .test.jsonl) or `toy`, the toy world's
 held-out problems. The first row sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, or "bbeh"
-in the name) or "math". Fields (or --question-field, --answer-field): problem | question; math: answer (AMC23's
-27.0, GSM8K's `#### 18`) | final_answer (OlympiadBench's parts, joined) | the last \boxed{} of solution (Minerva);
-choice: answer_letter | answer_index | answer (a letter or the option's text).
+in the name) or "math"; load_benchmark names the fields each is read from (or --question-field, --answer-field).
 
 Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended settings);
 no LLM judge; a choice letter must be the box's own, and a response without one is wrong (theirs: a random letter).

@@ -22,14 +22,12 @@ Choices and departures from the paper / the authors' EasyR1 code:
   micro-batch by its own token count, so their update depends on the micro-batching; here it does not.
 - Log-probs are computed in float32 from chunks of hidden states, so a [B, T, vocab] tensor never exists
   (a 151k vocab at B*T = 32k tokens would be 20 GB); each chunk is recomputed in backward.
-- old_logp may be the sampler's log-probs or None (the detached current policy, ratio == 1): train_step
-  recomputes it with the policy for every update but the first, whose policy is the sampling policy.
+- old_logp None is the detached current policy (ratio 1): the first update's, whose policy sampled the rollout.
 - 1 epoch: `train_step` makes one `grpo_update` (optimizer step) per slice of the rollout batch (R-Zero: 4 per
   step). No entropy bonus, no KL in the reward; an update is skipped when the gradient norm is non-finite.
 
-FSDP2: the model is called only as `model(...)` and the lm_head applied to that forward's hidden states (the root
-module's parameters stay unsharded until backward); no `.data` is touched; clip_grad_norm_ handles DTensors.
-Every rank must hold the same number of sequences: each micro-batch forward/backward runs collectives.
+FSDP2: the lm_head is applied to the hidden states of a `model(...)` call (the root stays unsharded until backward);
+every rank must hold the same number of sequences: each micro-batch forward/backward runs collectives.
 """
 import time
 from dataclasses import dataclass
@@ -121,8 +119,7 @@ def split(rollout, n):
 
 
 def my_prompts(n, updates):
-    """The global indices of this rank's share of a step's n prompts: every update's slice of the batch is
-    split across ranks, so the u-th slice of every rank's rollout makes up update u, as in one process."""
+    """This rank's share of a step's n prompts (global indices): each update's slice is split across ranks."""
     r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     cuts = [u * n // updates for u in range(updates + 1)]  # update u: the prompts cuts[u]:cuts[u + 1]
     return [i for lo, hi in zip(cuts, cuts[1:])
@@ -187,8 +184,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
 
 
 def _micro_batches(mask, size):
-    """Yield (rows, T_mb): `size` sequences at a time, sorted by length and trimmed to their last completion column,
-    so a micro-batch pads to its own longest, not the batch's (the same gradients: the normaliser is the batch's)."""
+    """(rows, T_mb) of `size` sequences at a time, sorted by length: a micro-batch pads to its own longest."""
     ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1)  # (B,)
     order = ends.argsort(stable=True)
     ends = ends[order].tolist()  # one sync
@@ -248,9 +244,8 @@ def grpo_update(model, optimizer, rollout, cfg):
 
 
 def train_step(model, optimizer, rollout, ref, cfg, updates):
-    """A rollout step's training: the reference's log-probs, the old ones of every slice but the first (see the
-    module docstring), then `updates` optimizer updates over equal slices. Mean of their stats, and the seconds
-    of the log-prob passes (logprob_pass_s) and of the updates (grpo_update_s)."""
+    """The reference's log-probs, the old ones of every slice but the first, then `updates` optimizer updates over
+    equal slices -> the mean of their stats, and the seconds of the log-prob passes and of the updates."""
     t0 = time.perf_counter()
     if ref is not None and cfg.kl_coef > 0:
         rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)

@@ -134,8 +134,7 @@ def toy_world(folder):
 
 
 def measure(run, name, solver_path):
-    """toy.measure of the base or an iteration, once (by rank 0, kept in the run folder; every rank gets rank 0's
-    numbers); {} without a toy world."""
+    """toy.measure of the base or an iteration, once (rank 0's, kept in the run folder); {} without a toy world."""
     if not (toy := toy_world(run.base)) or run.c.eval_problems == 0:
         return {}
     out = run.path(name, "measure.json") if name != "base" else run.path("base_measure.json")
@@ -266,10 +265,9 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 
 def svg_chart(panels, path, spread=0.0):
-    """Panels side by side, each (title, x label, {series: [(x, y, low, high)]}, {label: y} dashed lines), one colour
-    per series name across panels (the legend at the right); low..high drawn as a bar where given (else None); a
-    title ending in "(%)" shows y x 100; spread: pixels between series at the same x, so bars do not hide each
-    other. Plain SVG text: no plotting library."""
+    """Plain SVG, no plotting library: panels side by side, each (title, x label, {series: [(x, y, low, high)]},
+    {label: y} dashed lines), a colour per series name; low..high a bar where not None; a title ending in "(%)"
+    shows y x 100; spread: pixels between series at the same x, so bars do not hide each other."""
     names = list(dict.fromkeys(s for _, _, series, _ in panels for s in series))
     colour = dict(zip(names, COLOURS * 9))
     W, H, L, T, PW, PH, GAP = 60 + len(panels) * 440 + 120, 380, 60, 40, 330, 260, 110

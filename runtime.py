@@ -32,11 +32,9 @@ warnings.filterwarnings("ignore", "torch.distributed is disabled")  # torch.dist
 
 
 def init_distributed(device, minutes=180):
-    """The process group, chosen from the run's resolved device: on CUDA, NCCL bound to this rank's GPU (gloo beside
-    it for CPU tensors), a group of one without torchrun, so 1 and N GPUs run the same FSDP2 code; on the CPU, gloo
-    under torchrun, none without. Object collectives and barriers go through OBJECTS, a gloo group of their own:
-    they wait on rank-0 work (a save, a measure) off the GPU's collectives. A rank that waits `minutes` for the
-    others ends the run (NCCL's default, 10, is shorter than a phase's rollouts can differ across ranks)."""
+    """CUDA: NCCL bound to this rank's GPU (gloo beside it), a group of one without torchrun, so 1 and N GPUs run the
+    same FSDP2 code; CPU: gloo under torchrun, none without. OBJECTS (gloo) waits on rank-0 work off the GPU. A rank
+    waiting `minutes` for the others ends the run (NCCL's 10 is shorter than rollouts can differ across ranks)."""
     global OBJECTS
     if dist.is_initialized() or (device.type == "cpu" and "RANK" not in os.environ):
         return
@@ -102,11 +100,9 @@ def gather(items):
 
 
 def parse_settings(cls, argv=None, presets=None, known=False, **parser):
-    """argv -> the settings dataclass `cls` (and, known=True, the arguments it does not know): each field is a flag
-    --field-name (booleans also --no-field-name, lists take several values), its help the comment after the field,
-    grouped under the `# --` headings of each class it inherits (before any, the class's docstring); with presets
-    ({name: overrides}, the first the default), --preset NAME starts from one. A mistake raises ValueError in one
-    line (argparse would print its whole usage screen first)."""
+    """argv -> the settings dataclass `cls` (and, known=True, the arguments it does not know): each field a flag, its
+    help the comment after the field, grouped under the `# --` headings (else the class's docstring); --preset NAME
+    starts from presets[NAME]. A mistake raises ValueError in one line (argparse would print its usage first)."""
     ap = argparse.ArgumentParser(formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False, **parser)
     ap.error = lambda message: (_ for _ in ()).throw(ValueError(message))
     names = list(presets or ())
@@ -228,9 +224,8 @@ def append_row(path, row: dict, key):
 # ------------------------------------------------------------------------------------------ where models live
 
 def shard(model, dtype):
-    """FSDP2 wherever there is a process group (every CUDA run; torchrun on the CPU): each block a unit, gathered for
-    its forward and backward only, then the root (kept gathered after its forward, for the backward: a reference,
-    which runs none, frees it by hand, grpo.train_step)."""
+    """FSDP2 wherever there is a process group: each block a unit, then the root (kept gathered after its forward
+    for the backward: a reference, which runs none, frees it by hand in grpo.train_step)."""
     if dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -269,8 +264,7 @@ def free_memory(device):
 
 
 def trainable(path, device, dtype, checkpoint_blocks=False):
-    """fp32 master weights, FSDP2-sharded where there is a process group; checkpoint_blocks: recompute each block in
-    backward."""
+    """fp32 master weights, FSDP2-sharded where there is a process group."""
     free_memory(device)
     model = load_sharded(path, device, torch.float32, dtype) if dist.is_initialized() else \
         Transformer.from_pretrained(path, dtype=torch.float32, device=device)
@@ -312,8 +306,7 @@ def sampling_copy(model, device, dtype):
 
 
 def export(model, tokenizer, path):
-    """The model as a Hugging Face folder with the tokenizer, written whole or not at all: every rank gathers the
-    weights one at a time, rank 0 writes them (Transformer.save_pretrained)."""
+    """The model and tokenizer as a Hugging Face folder, written whole or not at all (by rank 0)."""
     with atomic(path) if rank() == 0 else contextlib.nullcontext() as tmp:
         Transformer.save_pretrained(model, tmp, write=rank() == 0)
         if rank() == 0:
@@ -322,9 +315,8 @@ def export(model, tokenizer, path):
 
 
 def save_state(path, model, opt, meta):
-    """The phase in progress after a completed step, a torch.distributed.checkpoint folder: each rank writes its own
-    shards of the model and AdamW's state (nothing is gathered), rank 0 the meta and its RNG. Written beside the
-    previous one, then renamed over it: a crash leaves one or the other. N ranks' checkpoint loads on M ranks."""
+    """The phase in progress after a step, a torch.distributed.checkpoint folder (each rank its own shards of the model
+    and AdamW, rank 0 the meta and its RNG), renamed over the previous one. N ranks' checkpoint loads on M ranks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

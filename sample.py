@@ -1,10 +1,9 @@
 """Sampling with a KV cache, shaped for GRPO: n completions of each prompt, and the log-prob of every token.
 
 The sampler to read first (generate): for each prompt, prefill it once, copy its keys and values into the n rows
-of its group, and decode the n rows together to the end. engine.py serves the same request at scale (continuous
-batching over a pool of pages, preemption, compaction) and returns the same samples: every sample j of prompt i
-draws from its own stream of uniforms, so its tokens do not depend on the batch it was decoded in; tests/
-test_engine.py holds the engine to this sampler, as tests/test_model.py holds model.py to transformers.
+of its group, and decode the n rows together to the end. engine.py serves the same request at scale and returns the
+same samples: sample j of prompt i draws from its own stream of uniforms, whatever batch it is decoded in (tests/
+test_engine.py holds the engine to this sampler, as tests/test_model.py holds model.py to transformers).
 
 Returned log-probs are log softmax(logits / T) of the sampled token, before top-p / top-k truncation: the
 quantity grpo.py recomputes for the PPO ratio (as in verl). With temperature 0 (greedy) they are at T = 1.
@@ -48,10 +47,9 @@ TOP_P_HEAD = 1024  # top-p looks for its kept set among this many most likely to
 
 
 def top_p_filter(logp, top_p, head=None):
-    """logp (B, V) -> logp with -inf outside the smallest set of most likely tokens holding top_p of the mass,
-    renormalised over the tokens left by top-k first (as transformers and vLLM do). The set is looked for in the
-    TOP_P_HEAD most likely tokens, sorted (topk: no full-vocabulary sort); rows whose head holds less sort in full
-    (asking whether any does is a host sync on CUDA; a sorting-free rejection sampler, as FlashInfer's, avoids it)."""
+    """logp (B, V) -> -inf outside the smallest set of most likely tokens holding top_p of the mass (of what top-k
+    left, as transformers and vLLM do), looked for among the TOP_P_HEAD most likely first; rows whose head holds
+    less sort in full (asking whether any does is a host sync on CUDA; FlashInfer's rejection sampler avoids it)."""
     V = logp.size(-1)
     k = min(head or TOP_P_HEAD, V)
     sorted_lp, order = logp.topk(k)  # (B, k), descending; k = V: a full sort
@@ -128,9 +126,7 @@ def stop_tail(stop_strings):  # tokens decoded to look for a stop string at the 
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
              stop_strings=(), tokenizer=None, seed=None, **serving):
     """n completions of each prompt (token-id lists) -> [len(prompts)][n] Completions. seed: an int (prompt i gets
-    seed + i) or one per prompt. For each prompt: one prefill, its cache copied into n rows, then the n rows decode
-    together until every one has ended. engine.generate returns the same samples, served at scale; the arguments
-    only it uses (memory_budget, expected_new_tokens, progress, stats) are accepted here and ignored."""
+    seed + i) or one per prompt. The arguments only engine.generate uses (`serving`) are accepted and ignored."""
     seeds = check_request(prompts, stop_strings, tokenizer, seed)
     dev = model.inv_freq.device
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)

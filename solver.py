@@ -48,12 +48,8 @@ def solver_prompt(tokenizer, problem: str) -> list[int]:
 
 
 def majority_vote(answers, none_is_answer=False) -> Vote:
-    """Answers grouped by equivalence; the majority is the largest group, p its size / len(answers).
-
-    Missing answers (None or blank) count in the denominator but never form a group, unless
-    none_is_answer=True (the authors' code): then they are the string "None" and can win. Ties go to
-    the group formed first.
-    """
+    """Answers grouped by equivalence; the majority is the largest group (ties: the first formed), p its share.
+    Missing answers count in the denominator but form no group, unless none_is_answer (the code's "None")."""
     groups = []  # [representative, count] in order of formation
     for a in answers:
         if not grader.is_answer(a):
@@ -86,9 +82,8 @@ def in_band(p: float, cfg: SolverConfig) -> bool:
 
 
 def build_dataset(questions: list, votes: list, cfg: SolverConfig) -> tuple[list[dict], dict]:
-    """The Solver's dataset from the Challenger's N questions (None where a completion had none) and the frozen
-    Solver's votes on them (None where the question is None): records {problem, pseudo_label, p} and the
-    counts at each filter, generated = unparsable + no_majority + out_of_band + kept."""
+    """Records {problem, pseudo_label, p} of the N questions (None: unparsable) and their votes, and the counts at
+    each filter: generated = unparsable + no_majority + out_of_band + kept."""
     counts = dict(generated=len(questions), unparsable=0, no_majority=0, out_of_band=0, kept=0)
     records = []
     for q, v in zip(questions, votes):

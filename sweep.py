@@ -84,8 +84,7 @@ def results_of(folder):
 
 
 def stopped(folder):
-    """The run's own last words when it ended early because a dataset phase kept no problem (a result: the
-    method ran dry), else None."""
+    """The run's last words if a dataset phase kept no problem (a result: the method ran dry), else None."""
     if os.path.isfile(log := os.path.join(folder, "log.txt")):
         with open(log) as f:
             last = f.read().rstrip().rpartition("\n")[2]
@@ -202,8 +201,7 @@ def markdown(table, per_seed, base, seeds, wall, machine, dry=()):
 
 
 def svg(table, base, path):
-    """Held-out mean@4 and pseudo-label accuracy per iteration, one line per arm with its seeds' min..max as bars,
-    arms side by side; the base's mean@4 dashed (report.svg_chart)."""
+    """Held-out mean@4 and pseudo-label accuracy per iteration: a line per arm, its seeds' min..max as bars."""
     panels = []
     for key, title in (("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")):
         series = {arm: [(i, m[key]["mean"], m[key]["min"], m[key]["max"]) for i, m in its.items() if m[key]]

@@ -145,8 +145,7 @@ NOT_RESULT_FIELDS = ("out_dir", "device", "memory_budget_gb", "expected_new_toke
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """--preset NAME applies its overrides; every field of TrainConfig is a flag (--field-name), its help the field's
-    comment in the settings class that declares it, grouped by concept (runtime.parse_settings)."""
+    """--preset NAME, then every field of TrainConfig as a flag (runtime.parse_settings)."""
     return parse_settings(TrainConfig, argv, PRESETS, description=__doc__.split("\n\n")[0],
                           usage="python train.py [--preset NAME] [--setting VALUE ...]",
                           epilog="[the default (the paper's), and the toy preset's value where it differs]")
