@@ -1,5 +1,4 @@
-"""
-Benchmark: our sampler and log-prob path against transformers', side by side on one random Qwen3 model.
+"""Benchmark: our sampler and log-prob path against transformers', side by side on one random Qwen3 model.
 
     python bench.py --preset cpu --threads 1,2  # a 25M-parameter Qwen3 shape, float32, ~13 min (BENCHMARKS.md)
     python bench.py --preset gpu              # Qwen3-1.7B and Qwen3-4B shapes, bfloat16, one CUDA GPU
@@ -7,19 +6,15 @@ Benchmark: our sampler and log-prob path against transformers', side by side on 
 
 One process, the same weights (transformers' random init, saved, loaded by Transformer.from_pretrained), dtype,
 threads and inputs; medians of --repeats runs after a warm-up, ours and theirs interleaved.
-- rollout (R-Zero's shape): P prompts of different lengths x n samples, "short" (mean ~28 new tokens, cap 64)
-  and "long" (mean ~48, cap 128: the toy run's answers). A random model's next token is near uniform and vocab /
-  mean_new_tokens random ids are EOS: lengths are geometric, alike for both ("length mean / max"). tok/s: new
-  tokens, EOS included. "rollout paged" is the long rollout in a KV budget of --paged-budget x (rows x max_len),
-  rows sized for the mean length (engine.py's pool of pages, with preemption); its baseline is the long row's.
-  MB/step: what a decode step of ours moves (the weights, and the attention's reads and writes by the engine's
-  own accounting) against the ideal (the weights, and each live row's tokens once).
-- training: forward + backward of a right-padded batch's completion log-probs ("sum logp" must agree); tok/s
-  counts prompt + completion tokens.
+- rollout (R-Zero's shape): P prompts of different lengths x n samples, "short" and "long" (the toy run's answers);
+  vocab / mean_new_tokens random ids are EOS, so lengths are geometric ("length mean / max"). "rollout paged": the
+  long rollout in a KV budget of --paged-budget x (rows x max_len) (engine.py's pages, with preemption). MB/step:
+  what a decode step of ours moves (the weights, the attention's traffic) against the ideal (each row's tokens once).
+- training: forward + backward of a right-padded batch's completion log-probs ("sum logp" must agree).
 - decode b=1: time per token; bandwidth = (weights + KV cache read at the mean context) / step time.
-% roofline: max(useful FLOPs / FLOP/s, minimal bytes / bandwidth) / run time (Costs, machine_roofline). Peak MiB:
-see measure. CPU s (process CPU time) is the steadier clock on a shared machine, and the roofline's on CPU; wall
-time also counts waiting for a core, and with more threads than free cores OpenMP barriers inflate both: --threads 1.
+% roofline: max(useful FLOPs / FLOP/s, minimal bytes / bandwidth) / run time. CPU s (process CPU time) is the
+steadier clock on a shared machine, and the roofline's on CPU; with more threads than free cores, OpenMP barriers
+inflate both: --threads 1.
 """
 import argparse
 import collections

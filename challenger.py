@@ -155,8 +155,6 @@ def average_linkage_clusters(dist, cut: float = 0.5, weights=None) -> np.ndarray
     Each row keeps its nearest neighbour (ties: the smallest index), so a merge costs O(B) plus a rescan."""
     D = np.array(dist, dtype=np.float64)  # (B, B) copy, becomes the cluster-to-cluster distance matrix
     B = D.shape[0]
-    if D.shape != (B, B):
-        raise ValueError(f"distance matrix must be square, got shape {D.shape}")
     rep = np.arange(B)  # cluster row of each point
     size = np.ones(B) if weights is None else np.asarray(weights, dtype=np.float64)
     alive = np.ones(B, dtype=bool)  # rows that still hold a cluster

@@ -1,18 +1,13 @@
-"""
-Will it fit? The memory plan of a run, computed from the model's shape and the run's settings before anything
-is loaded: per rank and per phase (Phase), the bytes of what a run holds (runtime.py's docstring):
-- the trained model: fp32 weights, gradients (update only), AdamW's moments, sharded by FSDP2; the reference alike;
-- a frozen replica (the voting Solver, the dataset's Challenger) only while it samples; the sampling copy of the
-  trained model only during its rollouts;
-- rollouts: the KV-cache pool (--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens
-  per completion, one layer's gathered pages, the logits and the sampler's temporaries, a prefill;
-- the update: the rollout batch, one micro-batch's activations (with --activation-checkpointing: each block's
-  input, plus one block recomputed in backward), one chunk of lm_head logits.
-The per-token constants are counted from the ops of model.py, sample.py and engine.py; tests/test_memory.py holds the
-plan against the peaks a real run measures (--profile: `peak_memory`). A run refuses to start a plan that cannot fit.
+"""Will it fit? The memory plan of a run per rank and per phase (Phase), from the model's shape and the settings,
+before anything is loaded: the trained model (fp32 weights, gradients in the update, AdamW's moments, FSDP2-sharded)
+and its reference; a frozen replica or the sampling copy only while it samples; a rollout's KV-cache pool
+(--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens, one layer's gathered pages, the logits,
+a prefill; an update's batch, one micro-batch's activations (--activation-checkpointing: each block's input and
+one block recomputed) and a chunk of lm_head logits. The per-token constants are counted from the ops of model.py,
+sample.py and engine.py; tests/test_memory.py holds the plan to the peaks a run measures (--profile). A run refuses
+to start a plan that cannot fit.
 
     python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
-    python train.py --model /path/to/model --plan --gpus 4 --gpu-memory-gb 80 --micro-batch 1 ...
     python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8
 """
 import contextlib

@@ -1,5 +1,4 @@
-"""
-What an R-Zero run measures, checks and prints, beside the method itself (train.py): the checks before it starts,
+"""What an R-Zero run measures, checks and prints, beside the method itself (train.py): the checks before it starts,
 where its time goes (Clock), metrics.jsonl, what the Challenger asks at every step and why a step had no signal,
 the held-out measuring of a world that knows the answers (the toy world) and of benchmark files (eval.py), the
 tables at the end, and the run's picture (run.svg). Nothing here changes what the run computes.
@@ -14,8 +13,8 @@ import eval
 import memory
 from memory import Phase
 from model import check_folder
-from runtime import (append_row, device_and_dtype, gather, on_rank0, print0, rank, read_json, resolve_model, world,
-                     write_text)
+from runtime import (append_row, device_and_dtype, gather, on_rank0, print0, rank, read_json, read_jsonl, resolve_model,
+                     world, write_text)
 
 
 def preflight(c):
@@ -190,8 +189,7 @@ def measured(run, name, solver_path):
 
 def iteration_row(run, it):
     """The loop's own numbers of an iteration, read back from metrics.jsonl (so resumed runs have them)."""
-    with open(run.path("metrics.jsonl")) as f:
-        last = {m["phase"]: m for m in map(json.loads, f) if m["iteration"] == it}  # each phase's last row
+    last = {m["phase"]: m for m in read_jsonl(run.path("metrics.jsonl")) if m["iteration"] == it}  # its last row
     ch, ds = last.get("challenger", {}), last.get("dataset")  # the Challenger's last step; the one dataset row
     return dict(reward=ch.get("reward"), kept=ds and f"{ds['kept']}/{ds['generated']}",
                 kept_share=ds and ds["kept"] / ds["generated"])
@@ -315,10 +313,9 @@ def picture(run, rows):
     """run.svg: the reward of every Challenger and Solver step (x: iteration, its steps spread over it), and per
     iteration the kept share, pseudo-label accuracy and held-out accuracy (toy world) or MATH AVG (--eval-data)."""
     steps, rewards, per_it, refs = {"challenger": run.c.challenger_steps, "solver": run.c.solver_steps}, {}, {}, {}
-    with open(run.path("metrics.jsonl")) as f:
-        for m in (m for m in map(json.loads, f) if m["phase"] in steps):
-            x = m["iteration"] - 1 + (m["step"] + 1) / steps[m["phase"]]
-            rewards.setdefault(f"{m['phase'].capitalize()} reward", []).append((x, m["reward"], None, None))
+    for m in (m for m in read_jsonl(run.path("metrics.jsonl")) if m["phase"] in steps):
+        x = m["iteration"] - 1 + (m["step"] + 1) / steps[m["phase"]]
+        rewards.setdefault(f"{m['phase'].capitalize()} reward", []).append((x, m["reward"], None, None))
     labels = {"mean_at_k": f"held-out mean@{run.c.eval_k}", "greedy": "held-out greedy", "MATH AVG": "MATH AVG",
               "pseudo_acc": "pseudo-label accuracy", "kept_share": "kept share"}
     for i, (_, r) in enumerate(rows):

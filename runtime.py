@@ -1,5 +1,4 @@
-"""
-Where the code runs, nothing R-Zero: the process group and this rank's share of a batch, the device, model folders,
+"""Where the code runs, nothing R-Zero: the process group and this rank's share of a batch, the device, model folders,
 where a run's models live (sharded, parked in CPU memory, on the device), checkpoints, and files written whole or
 not at all. `gather(f(my_share(xs))) == f(xs)` for per-item f, whatever the ranks.
 

@@ -1,5 +1,4 @@
-"""
-The Solver side of R-Zero: its prompt, the pseudo-labelled dataset it trains on, and its reward (Sec. 3.3).
+"""The Solver side of R-Zero: its prompt, the pseudo-labelled dataset it trains on, and its reward (Sec. 3.3).
 
 One step is shared with the Challenger: the frozen Solver answers a question m times (train.py samples them,
 each rank its share), `vote` extracts each answer's last \\boxed{} and takes the majority by mathematical

@@ -24,7 +24,7 @@ import time
 import torch
 
 import report
-from runtime import read_json, write_text
+from runtime import read_json, read_jsonl, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ARMS = {  # name -> train.py flags: one switch each, the rest the preset's
@@ -72,10 +72,8 @@ def runs_of(a, extra):
 def results_of(folder):
     """base and per-iteration numbers of one run folder: what train.py's held-out measuring wrote."""
     res = {"base": read_json(p)} if os.path.isfile(p := os.path.join(folder, "base_measure.json")) else {}
-    kept = {}
-    if os.path.isfile(m := os.path.join(folder, "metrics.jsonl")):
-        with open(m) as f:
-            kept = {r["iteration"]: r["kept"] for r in map(json.loads, f) if r["phase"] == "dataset"}
+    rows = read_jsonl(os.path.join(folder, "metrics.jsonl")) or []
+    kept = {r["iteration"]: r["kept"] for r in rows if r["phase"] == "dataset"}
     it = 1
     while os.path.isfile(p := os.path.join(folder, f"iter{it}", "measure.json")):
         res[it] = read_json(p) | dict(kept=kept.get(it))
@@ -90,7 +88,6 @@ def stopped(folder):
             last = f.read().rstrip().rpartition("\n")[2]
         if "nothing to train the Solver on" in last:
             return last.removeprefix("error: ").partition(":")[0]  # "iteration 3"
-    return None
 
 
 def finished(folder, args):

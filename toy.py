@@ -1,5 +1,4 @@
-"""
-The toy world: a tiny tokenizer and a 0.4M-parameter Qwen3 base model (hidden 128, 2 layers) that `python train.py`
+"""The toy world: a tiny tokenizer and a 0.4M-parameter Qwen3 base model (hidden 128, 2 layers) that `python train.py`
 runs R-Zero on, on a CPU. It ships in toy_world/ (`--model toy`), the same on every machine: pretraining is
 chaotic, so a world rebuilt here (`python toy.py`) is this machine's own. It is pretrained in a few minutes on
 synthetic arithmetic in R-Zero's two formats, in the chat template, as the method prompts:
@@ -38,7 +37,7 @@ import engine
 import sample
 import solver
 from model import ModelConfig, Transformer
-from runtime import atomic, resolve_model, write_text
+from runtime import atomic, read_json, read_jsonl, resolve_model, write_text
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # PAD, turn start, EOS (Qwen's names)
 CHAT_TEMPLATE = (
@@ -375,10 +374,9 @@ def measure(solver_path, iteration_dir=None, problems=512, k=4, max_new_tokens=1
     res = heldout_accuracy(model, AutoTokenizer.from_pretrained(solver_path), heldout_problems(problems), k=k,
                            max_new_tokens=max_new_tokens)
     if iteration_dir:
-        with open(os.path.join(iteration_dir, "questions.json")) as f:
-            q = question_stats(json.load(f))
-        with open(os.path.join(iteration_dir, "dataset.jsonl")) as f:
-            right = [check_answer(r["problem"], r["pseudo_label"]) for r in map(json.loads, f)]
+        q = question_stats(read_json(os.path.join(iteration_dir, "questions.json")))
+        kept = read_jsonl(os.path.join(iteration_dir, "dataset.jsonl"))
+        right = [check_answer(r["problem"], r["pseudo_label"]) for r in kept]
         res |= dict(questions=q, difficulty=q["mean_difficulty"], distinct=q["distinct"],
                     pseudo_acc=sum(right) / max(1, len(right)))
     return res
@@ -402,8 +400,7 @@ def main():
     ap.add_argument("--k", type=int, default=10)
     a = ap.parse_args()
     path = resolve_model(a.measure) if a.measure else toy_path(rebuild=True, cfg=ToyConfig(seed=a.seed))
-    with open(os.path.join(path, "toy.json")) as f:
-        print(f"{path}: {json.load(f)}")
+    print(f"{path}: {read_json(os.path.join(path, 'toy.json'))}")
     if not a.measure:  # pretraining is chaotic: the CPU's float kernels decide which model comes out
         print(f"This world is this machine's own; `--model toy` is the shipped one everywhere (sha256 "
               f"{WORLD_SHA256[:12]}...). R-Zero on this one: python train.py --model {path}")
