@@ -1,27 +1,22 @@
 """The Challenger side of R-Zero: its prompt, the parsing of its questions, and its reward (Sec. 3.2).
 
-For a batch of B Challenger completions x_1..x_B (all from the same prompt; the caller gathers them across
-ranks first, because the repetition penalty is a batch-level quantity) and the frozen Solver's votes on them:
-    p_i     = fraction of the Solver's m = 10 answers equivalent to their majority (solver.Vote, given by the caller)
+For a batch of B Challenger completions x_1..x_B (gathered across ranks: the repetition penalty is batch-wide) and
+the frozen Solver's votes on them:
+    p_i     = fraction of the Solver's m = 10 answers equivalent to their majority (solver.Vote)
     r_unc   = 1 - 2 |p_i - 1/2|                           1 when the Solver is split evenly, 0 when unanimous
     d_ij    = 1 - BLEU(x_i, x_j)                          BLEU-4 on whitespace tokens, NLTK smoothing method 1
     C(x_i)  = x_i's cluster under average-linkage agglomerative clustering of d, cut at distance 0.5
     r_rep   = lambda |C(x_i)| / B
     r_i     = max(0, r_unc - r_rep)                       0 when no <question>...</question> can be parsed
 
-Choices where the paper is silent (the authors' code was read for each):
-- BLEU is not symmetric. The code scores each pair once, the lower batch index as hypothesis, so the distance
-  depends on batch order; here both directions are averaged ("code" variant: the code's order).
-- Clusters merge only while the average linkage distance is < 0.5, as the code's sklearn
-  AgglomerativeClustering(distance_threshold=0.5) does (scipy's fcluster(t=0.5) merges at 0.5).
-- B counts every completion: bad-format ones get no cluster but stay in the denominator, as in the code.
+Where the paper is silent: BLEU is averaged over both directions (the code's one-way BLEU, which depends on batch
+order, is the "code" variant); clusters merge while < 0.5, as the code's sklearn distance_threshold does (scipy's
+fcluster merges at 0.5); B counts bad-format completions too, as in the code.
 
-`reward_variant="code"` is the authors' code: r = min(p, 1-p) - r_rep (half scale, no clip at 0), -1 for a bad
-format; with solver.SolverConfig.band="code" a missing \\boxed{} votes "None". Its known fault (scoring only when
-the Solver's majority equals the last character of the Challenger's own answer) is not reproduced.
-`validity_gate=True` (the lab's switch) is what that scorer meant, the authors' until December 2025: a question scores
-as if the Solver were unanimous (p = 0) unless the Solver's majority is equivalent to the Challenger's own boxed
-answer and more than 1 in 10 answers agree. Off, that answer is never read.
+`reward_variant="code"` is the authors' code: r = min(p, 1-p) - r_rep, -1 for a bad format (its known fault, scoring
+only when the majority equals the last character of the Challenger's answer, is not reproduced). `validity_gate`
+(the authors' until December 2025): p = 0 unless the Solver's majority is equivalent to the Challenger's own boxed
+answer and more than 1 in 10 answers agree; off, that answer is never read.
 """
 import math
 from collections import Counter
@@ -98,8 +93,7 @@ def _ngrams(tokens, n) -> Counter:
 
 
 def bleu4(hyp: list[str], ref: list[str]) -> float:
-    """Sentence BLEU-4 of `hyp` against `ref`, the slow, obviously-correct path: NLTK's sentence_bleu([ref], hyp,
-    smoothing_function=SmoothingFunction().method1), so a zero match count counts 0.1."""
+    """NLTK's sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1): the slow, sure path."""
     if isinstance(hyp, str) or isinstance(ref, str):
         raise TypeError("bleu4 takes token lists (e.g. text.split()), not strings")
     log_p = 0.0
@@ -114,8 +108,7 @@ def bleu4(hyp: list[str], ref: list[str]) -> float:
 
 
 def bleu_matrix(sentences: list[list[str]]) -> np.ndarray:
-    """S[i, j] = bleu4(sentences[i], sentences[j]) (row = hypothesis), diagonal 1. The clipped match count is
-    symmetric in i and j: it is accumulated once per n-gram over the sentences that share it (an inverted index)."""
+    """S[i, j] = bleu4(sentences[i], sentences[j]), diagonal 1; the symmetric match counts from an inverted index."""
     B = len(sentences)
     L = np.array([len(s) for s in sentences], dtype=np.float64)  # (B,)
     log_p = np.zeros((B, B))
@@ -214,8 +207,7 @@ def uncertainty_reward(p: float) -> float:
 
 def challenger_rewards(questions: list[str | None], votes: list, cfg: ChallengerConfig,
                        own_answers: list | None = None) -> tuple[list[float], list[dict]]:
-    """Rewards and per-question stats of a batch of B Challenger completions (every rank's): questions[i] is None for
-    a bad format, votes[i] the frozen Solver's solver.Vote on it, own_answers[i] (validity_gate only) its own answer."""
+    """Rewards and stats of B completions (every rank's): questions[i] (None: bad format), its Vote, its own answer."""
     if cfg.reward_variant not in ("paper", "code"):
         raise ValueError(f"reward_variant must be 'paper' or 'code', got {cfg.reward_variant!r}")
     code = cfg.reward_variant == "code"

@@ -1,25 +1,20 @@
 """The sampling engine: sample.generate's samples, served at scale (train.py, eval.py, toy.py and bench.py call it).
 
-Decoding is most of an R-Zero run (the Solver answers N x m = 80,000 questions per iteration). sample.generate
-decodes one prompt's group to its end; the engine keeps B rows busy:
-- Continuous batching: once B/8 rows are free they take the next jobs (prompt i, sample j) of the queue; jobs
-  admitted together that share a prompt share one prefill, copied into their rows (the GRPO group). When the queue
-  is empty and B/8 rows are done, the batch is compacted. Each job draws its own uniforms (sample.uniforms), so its
-  tokens are sample.generate's in any batch (tests/test_engine.py holds the two to each other).
-- The pool, `memory_budget` bytes: if it holds every row at prompt + max_new_tokens, rows own their slots
-  (model.KVCache). Else it is pages (PagedKVCache) that rows take as they grow: B rows fit at expected_new_tokens
-  each, and when rows outgrow the pool the newest is preempted and requeued, to be recomputed (as vLLM does).
-- Attention over pages reads each page where it lies, once, against its own row's queries (a KV head's query heads
-  folded into one matrix), and sums each page's share into its row: no copy, no padding to the longest row, plain
-  torch ops that run eagerly on a CPU (on CUDA, FlexAttention's paged block mask would fuse the same reads).
-- The step's state (tokens, positions, counts, done flags) stays on the device; the host looks every `sync_every`
-  steps (1 on a CPU, which has nothing to wait for; 8 on CUDA) to collect the rows that ended and hand out the pages
-  of the steps ahead. Between looks the shapes are fixed (on CUDA the slots read are bucketed): the k steps could be
-  one CUDA graph. Stop strings need the text: the host looks every step.
-Departures, for simplicity: no prefix pages shared by a group's rows (each copies its prompt's), no chunked
-prefill, the CUDA graph is not captured; on CUDA, index_add_ sums the pages' shares with atomics (repeatable bit for
-bit only under torch.use_deterministic_algorithms). On a CPU, with the pool holding every row, the arithmetic is
-the previous sampler's, bit for bit (the default run's table).
+Decoding is most of an R-Zero run (the Solver answers N x m = 80,000 questions per iteration). The engine keeps B
+rows busy:
+- Continuous batching: once B/8 rows are free they take the next jobs (prompt i, sample j); jobs admitted together
+  that share a prompt share one prefill, copied into their rows. When the queue is empty and B/8 rows are done, the
+  batch is compacted. Each job draws its own uniforms (sample.uniforms): its tokens are sample.generate's in any batch.
+- The pool, `memory_budget` bytes: if it holds every row at its longest, rows own their slots (model.KVCache); else
+  rows take pages (PagedKVCache) as they grow, and when they outgrow the pool the newest is preempted and requeued,
+  to be recomputed (as vLLM does).
+- Attention reads each page where it lies, once, against its own row's queries, and sums each page's share into its
+  row: no copy, no padding, plain torch ops (on CUDA, FlexAttention's paged block mask would fuse the same reads).
+- The step's state stays on the device; the host looks every `sync_every` steps (1 on a CPU; 8 on CUDA, where the
+  slots read are bucketed: the k steps could be one CUDA graph) to collect the rows that ended and hand out pages.
+Departures, for simplicity: no prefix pages shared by a group's rows, no chunked prefill, the CUDA graph is not
+captured; on CUDA, index_add_ sums the pages' shares with atomics (bit for bit only under
+torch.use_deterministic_algorithms). On a CPU with the pool holding every row, the arithmetic is sample.py's.
 """
 import sys
 import time
@@ -41,8 +36,7 @@ def pages_for(length):
 
 
 def sizing(cfg, dtype, jobs, longest_prompt, max_new_tokens, memory_budget, expected_new_tokens=None):
-    """(pages, rows, paged) of a request, for Engine and memory.py's plan. The pool: the budget, within [one row, every
-    job] at its longest; rows: as many as it holds at expected_new_tokens; paged: unless it holds every row."""
+    """(pages, rows, paged) of a request, as Engine serves it and memory.py plans it."""
     max_len = longest_prompt + max_new_tokens
     pages = max(min(memory_budget // (PAGE * KVCache.token_bytes(cfg, dtype)), jobs * pages_for(max_len)),
                 pages_for(max_len))
@@ -112,8 +106,7 @@ class PagedKVCache:
             layer[to] = layer[frm]
 
     def keep_rows(self, rows, length=None):
-        """Keep `rows` (a list; the others must have been released), in that order. Their pages move to the bottom
-        of the pool (those above the n they need, into the holes below), so attention reads no free page."""
+        """Keep `rows` (the others released), their pages moved to the bottom: attention reads no free page."""
         self.held = [self.held[r] for r in rows]
         n = sum(map(len, self.held))
         holes = iter(sorted(set(range(1, n + 1)) - {p for h in self.held for p in h}))
@@ -167,8 +160,7 @@ class Prefill:
 
 @torch.no_grad()
 def generate(model, prompts, stats=None, **request):
-    """sample.generate's samples of its request, served by an Engine. stats: a dict to receive Engine.stats (kv_moved:
-    the bytes the steps' attention moved; kv_ideal: each live row's tokens read once)."""
+    """sample.generate's samples of its request, served by an Engine; stats: a dict to receive Engine.stats."""
     engine = Engine(model, prompts, **request)
     results = engine.run()
     if stats is not None:
@@ -182,14 +174,12 @@ class Engine:
     def __init__(self, model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0, eos_ids=(),
                  stop_strings=(), tokenizer=None, seed=None, memory_budget=2**30, expected_new_tokens=None,
                  progress=False, sync_every=None):
-        """memory_budget: bytes of keys and values (sizing); sync_every: decode steps between the host's looks
-        (default 1 on a CPU, 8 on CUDA; 1 with stop strings); progress: show how far the call is (Progress)."""
         self.seeds = check_request(prompts, stop_strings, tokenizer, seed)
         self.model, self.prompts, self.max_new = model, prompts, max_new_tokens
         self.sampling = temperature, top_p, top_k
         self.eos_ids, self.stop_strings, self.tokenizer = eos_ids, stop_strings, tokenizer
         self.dev = dev = model.inv_freq.device
-        self.k = 1 if stop_strings else sync_every or (8 if dev.type == "cuda" else 1)  # decode steps per look
+        self.k = 1 if stop_strings else sync_every or (8 if dev.type == "cuda" else 1)  # decode steps between looks
         self.jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         self.queue = deque(range(len(self.jobs)))  # jobs to serve, in order; a preempted job goes back to the front
         cfg, dtype = model.config, model.embed_tokens.weight.dtype
@@ -300,7 +290,6 @@ class Engine:
         return stopped
 
     def forward(self):
-        """One decode step: each row feeds its last token at its position; the logits of the next."""
         live = self.job >= 0
         kv_len = int(self.pos[live].max()) + 1  # the slots the longest row reads
         if self.k > 1:  # static shapes between looks of the host: the window's longest, in steps of 8 pages
@@ -337,8 +326,7 @@ class Engine:
         self.job[ended] = -1
 
     def grow_or_preempt(self):
-        """Pages for the slots the next k forwards write; when none are free, the newest row is preempted (its job
-        starts again later, with the same uniforms: the same tokens)."""
+        """Pages for the next k forwards; when none are free, the newest row is preempted (later, the same tokens)."""
         while self.paged:
             live = np.flatnonzero(self.job >= 0)
             if self.cache.grow(live.tolist(), np.minimum(self.pos[live] + self.k, self.max_len).tolist()):

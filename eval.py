@@ -5,9 +5,8 @@ r"""Evaluation: checkpoints side by side on the paper's benchmarks, in a table l
     python eval.py --model M1 --model M2 --data benchmarks/ --k 32 --k-only amc aime   # the paper's protocol
     torchrun --nproc_per_node=8 eval.py --model M1 --model M2 --data benchmarks/         # data-parallel
 
-Rows are models; columns are benchmarks, MATH AVG and, if any, GENERAL AVG (MMLU-Pro, SuperGPQA, BBEH; never in
-MATH AVG). --out gets results.md, results.json and <model>/<benchmark>.jsonl (per problem: prompt, responses,
-answers, reference, correctness), through temporary files once all is evaluated: a failed run overwrites nothing.
+Rows are models; columns are benchmarks, MATH AVG and, if any, GENERAL AVG (MMLU-Pro, SuperGPQA, BBEH). --out gets
+results.md, results.json and every response (<model>/<benchmark>.jsonl), written once all is evaluated.
 
 Protocol (README, "The method"; the authors' evaluation/*.py). Math: the Solver prompt (--raw-prompt: "Question:
 ...\nAnswer:"), greedy pass@1 or, with --k K, mean@K (--k-only: the benchmarks that use it), graded by

@@ -1,23 +1,18 @@
-r"""Answer grader: pull the final answer out of a response and decide whether two answers are equivalent.
-
-R-Zero uses it for the majority vote over m sampled answers (solver.majority_vote: the Challenger's uncertainty
-reward, the Solver's pseudo-labels), the Solver's reward `is_equiv(boxed, pseudo_label)` and evaluation.
+r"""Answer grader: pull the final answer out of a response and decide whether two answers are equivalent (the
+majority vote, the Solver's reward `is_equiv(boxed, pseudo_label)`, evaluation).
 
 How `is_equiv` decides:
-  1. Normalise both: LaTeX spacing and sizing (\left \right \, \!), $ wrappers, \text{} \mathrm{} \mbox{},
-     trailing unit words, degrees, %, \$, thousands separators (1,000 and 1{,}000), `x =` / `f(x) =`
-     prefixes, \dfrac, \frac12, trailing dots. Equal strings are equivalent.
-  2. Structure: tuples and intervals compare element by element with the same kind of brackets ((1,2) is
-     not [1,2]); sets \{...\} and bare lists ("-2, 1") ignore order; \cup unions and matrices part by part.
-  3. A recursive-descent evaluator reads each element (numbers, \frac, \sqrt[n]{}, ^, \cdot, \times, implicit
-     products, \pi, e, i, \ln \log \sin \cos \tan, n!, \binom): rationals stay exact (0.5 == \frac12 == 1/2,
-     27.0 == 27, 025 == 25, 2\frac{1}{2} == 5/2, but 0.333 != 1/3), irrational values are complex floats within
-     relative tolerance 1e-9, variables take 3 fixed pseudo-random values (x^2+2x+1 == (x+1)^2, x^2 != x^3).
+  1. Normalise both: LaTeX spacing and sizing, $ wrappers, \text{} \mathrm{} \mbox{}, trailing unit words, degrees,
+     %, \$, thousands separators, `x =` / `f(x) =` prefixes, \dfrac, \frac12, trailing dots. Equal strings are equal.
+  2. Structure: tuples and intervals compare element by element with the same brackets ((1,2) is not [1,2]); sets
+     \{...\} and bare lists ("-2, 1") ignore order; \cup unions and matrices part by part.
+  3. A recursive-descent evaluator reads each element: rationals stay exact (0.5 == \frac12, 27.0 == 27, but
+     0.333 != 1/3), irrational values are complex floats within relative tolerance 1e-9, variables take 3 fixed
+     pseudo-random values (x^2+2x+1 == (x+1)^2).
   4. Otherwise compare as text, ignoring case for single words: \text{(B)} == b.
 
-Departure from the authors' code: their math_verify / sympy can hang (9^{9^{9^9}}) inside a thread timeout that
-did not always fire. This grader, with no sympy and no eval/exec, is bounded in time by construction (the MAX_*
-limits below; an element that overflows or divides by zero is compared as text); `extract_boxed` is one linear scan.
+Departure from the authors' code: their math_verify / sympy can hang (9^{9^{9^9}}). This grader, with no sympy and
+no eval/exec, is bounded in time by construction (the MAX_* limits below; what overflows is compared as text).
 """
 import cmath
 import math

@@ -1,31 +1,24 @@
 """GRPO: the policy-gradient step that trains both the Challenger and the Solver of R-Zero.
 
-For each prompt the sampler draws a group of G completions; each gets a scalar reward r. The advantage of a
-completion is its reward relative to its own group (no value network):
+Each completion of a prompt's group of G gets a scalar reward r, its advantage is relative to its group (no value
+network), and every completion token is trained with PPO-clip plus a k3 KL penalty to a frozen reference policy
+(the policy at the start of the phase):
 
-    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)                       broadcast over its tokens
-
-and every completion token t is trained with the PPO-clip objective plus a k3 KL penalty to a frozen
-reference policy (the policy at the start of the phase):
-
+    A_i    = (r_i - mean(r_group)) / (std(r_group) + 1e-6)                    broadcast over its tokens
     ratio  = exp(logp - logp_old)
     pg     = max(-A * ratio, -A * clip(ratio, 1 - 0.2, 1 + 0.3))              "clip-higher" (DAPO)
     pg     = min(pg, -A * 3.0)        if A < 0                                 dual-clip (Ye et al. 2020)
     k3     = exp(d) - d - 1,  d = logp_ref - logp,  clamped to [-10, 10]       (Schulman 2020)
     loss_t = pg + 0.01 * k3
 
-then aggregated over tokens by `loss_agg`: "token_mean" (sum / tokens), "seq_mean_token_mean" (mean within each
-sequence, then over sequences) or "constant" (Dr. GRPO: sum / (sequences * max_len_norm), no length bias).
+then aggregated by `loss_agg`: "token_mean", "seq_mean_token_mean" or "constant" (Dr. GRPO: no length bias).
 
 Choices and departures from the paper / the authors' EasyR1 code:
-- The normaliser (token or sequence count) is the WHOLE optimizer batch's: the authors' code divides each
-  micro-batch by its own token count, so their update depends on the micro-batching; here it does not.
-- Log-probs are computed in float32 from chunks of hidden states, so a [B, T, vocab] tensor never exists
-  (a 151k vocab at B*T = 32k tokens would be 20 GB); each chunk is recomputed in backward.
+- The normaliser is the WHOLE optimizer batch's: theirs is each micro-batch's, so their update depends on it.
+- Log-probs come from chunks of hidden states in float32: a [B, T, vocab] tensor never exists.
 - old_logp None is the detached current policy (ratio 1): the first update's, whose policy sampled the rollout.
-- 1 epoch: `train_step` makes one `grpo_update` (optimizer step) per slice of the rollout batch (R-Zero: 4 per
-  step). No entropy bonus, no KL in the reward; an update is skipped when the gradient norm is non-finite.
-
+- `train_step` makes one `grpo_update` per slice of the rollout batch (R-Zero: 4 per step). No entropy bonus, no
+  KL in the reward; an update is skipped when the gradient norm is non-finite.
 FSDP2: the lm_head is applied to the hidden states of a `model(...)` call (the root stays unsharded until backward);
 every rank must hold the same number of sequences: each micro-batch forward/backward runs collectives.
 """
@@ -99,8 +92,7 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
 
 
 def assemble(prompts, completions, rewards, group_size, pad_id, cfg, device=None):
-    """A rollout step's sequences as one batch: prompts and completions (token-id lists, consecutive groups of
-    group_size per prompt) and their rewards -> (Rollout without log-probs, number of zero-variance groups)."""
+    """Prompts, completions (token ids, groups of group_size) and rewards -> (Rollout, zero-variance groups)."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)  # (B, T) right-padded
     mask = torch.zeros(ids.shape, dtype=torch.bool)                              # (B, T) completion tokens
@@ -112,7 +104,6 @@ def assemble(prompts, completions, rewards, group_size, pad_id, cfg, device=None
 
 
 def split(rollout, n):
-    """The n optimizer updates of a rollout step: equal consecutive slices of its batch."""
     B = rollout.input_ids.shape[0]
     fields = (rollout.input_ids, rollout.completion_mask, rollout.advantages, rollout.old_logp, rollout.ref_logp)
     return [Rollout(*(None if x is None else x[u * B // n:(u + 1) * B // n] for x in fields)) for u in range(n)]
@@ -145,7 +136,6 @@ def token_logprobs(model, input_ids, completion_mask, temperature, chunk=1024):
 
 
 def loss_normaliser(mask, cfg):
-    """The denominator of the loss for this batch: tokens, sequences, or sequences * max_len_norm."""
     if cfg.loss_agg == "token_mean":
         return mask.sum().float()
     n_seq = torch.tensor(float(mask.shape[0]), device=mask.device)
@@ -153,8 +143,7 @@ def loss_normaliser(mask, cfg):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg, normaliser):
-    """logp/old_logp/ref_logp/mask (B, T), advantages (B,) -> (scalar loss, stats of 0-dim detached tensors).
-    normaliser is loss_normaliser of the whole optimizer batch: the micro-batches' losses sum to the batch's."""
+    """(B, T) log-probs and mask, (B,) advantages -> (loss, stats). normaliser: the whole optimizer batch's."""
     mask = mask.float()
     adv = advantages[:, None].float()                     # (B, 1) broadcast over the sequence's tokens
     ratio = (logp - old_logp).clamp(-20, 20).exp()        # clamp: exp overflow would give inf * 0 = nan grads
@@ -244,8 +233,7 @@ def grpo_update(model, optimizer, rollout, cfg):
 
 
 def train_step(model, optimizer, rollout, ref, cfg, updates):
-    """The reference's log-probs, the old ones of every slice but the first, then `updates` optimizer updates over
-    equal slices -> the mean of their stats, and the seconds of the log-prob passes and of the updates."""
+    """The reference's and old log-probs, then `updates` optimizer updates over equal slices -> their mean stats."""
     t0 = time.perf_counter()
     if ref is not None and cfg.kl_coef > 0:
         rollout.ref_logp = rollout_logprobs(ref, rollout.input_ids, rollout.completion_mask, cfg)

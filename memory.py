@@ -71,8 +71,7 @@ def n_params(s: ModelConfig):
 
 
 def act_bytes(s: ModelConfig, b):
-    """Bytes per token autograd keeps for one block's backward, its input included, in compute dtype b (2 or 4), as
-    saved_tensors_hooks counted them: RMSNorm keeps its float32 input and its output; SwiGLU 4 x I."""
+    """Bytes per token autograd keeps for one block's backward in compute dtype b, as saved_tensors_hooks count."""
     D, q, kv, I = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim, s.intermediate_size
     heads = (2 * b + (8 if b == 4 else 6) * s.qk_norm) * (q + kv)
     return (24 if b == 4 else 16) * D + heads + 4 * b * I
@@ -141,8 +140,7 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
 
 
 def hours_per_iteration(c, s, pc, rows, W):
-    """Roofline hours of an iteration per rank -> (decoding, training): a decode step reads weights and caches at
-    pc.bandwidth_gbs; training: 2 (old, reference log-probs) + 6 (fwd, bwd) + 2 (recompute) FLOPs/param/token."""
+    """Roofline hours of an iteration per rank -> (decoding at pc.bandwidth_gbs, training at 10 FLOPs/param/token)."""
     P, tok = n_params(s)[0], KVCache.token_bytes(s, torch.bfloat16)
     L = lambda mx: min(c.expected_new_tokens or mx, mx)  # the mean length of a completion
     ch = c.challenger_steps * c.challenger_prompts * c.challenger_group  # completions, all ranks together
@@ -170,8 +168,7 @@ def shape_of(c, shape_json=None):
 
 
 def verdict(c, s, pc, gpu_memory_gb, cuda=True):
-    """None if every phase fits in gpu_memory_gb, else one sentence: the phase, by how much, and a setting with
-    which the plan fits (the first of: checkpointing, a smaller micro-batch, log-prob chunk or KV pool, more GPUs)."""
+    """None if every phase fits in gpu_memory_gb, else one sentence: the phase, by how much, and a fix."""
     reserve = pc.reserve_gb if cuda else 0
     limit = (gpu_memory_gb - reserve) * GiB
     name, items = max(plan(c, s, pc, cuda=cuda)[0].items(), key=lambda kv: sum(kv[1].values()))
@@ -227,8 +224,7 @@ def check(c, folder, world, device, challenger_prompt_tokens):
 
 
 def profile(c, folder, world, cuda, prompt_tokens, seconds, peaks):
-    """--profile: each phase's time and measured peak (the largest rank's {phase: (allocated, reserved)}) beside the
-    plan -> (the table's lines, profile.json's content). prompt_tokens: (Challenger, longest Solver prompt)."""
+    """--profile: each phase's time and peak (the largest rank's) beside the plan -> (lines, profile.json)."""
     pc = PlanConfig(gpus=world, challenger_prompt_tokens=prompt_tokens[0], solver_prompt_tokens=prompt_tokens[1])
     phases, rows = plan(c, shape_of(dataclasses.replace(c, model=folder)), pc, cuda=cuda)
     table = {k: dict(seconds=seconds.get(k, 0.0), peak=max(p.get(k, (0, 0))[0] for p in peaks),
@@ -265,9 +261,8 @@ def _storages(objs):
 
 
 class peak_memory(TorchDispatchMode):
-    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes in the block, and m.reserved. CUDA:
-    the allocator's peaks. CPU (slow): a census of every storage, then each one an op creates counts until its Python
-    handle is finalized, on any thread (torch.profiler misses gloo's frees); FSDP's resizes too."""
+    """`with peak_memory(device) as m:` -> m.bytes, the peak of live tensor bytes, and m.reserved. CPU (slow): each
+    storage counts until its Python handle is finalized, on any thread (torch.profiler misses gloo's frees)."""
 
     def __init__(self, device):
         super().__init__()

@@ -108,9 +108,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values pre-allocated, (n_layer, rows, max_len, n_kv, hd): static shapes (as gpt-fast). Slot =
-    position, so rows of different lengths need no left padding: a query at position p reads its row's slots 0..p in
-    place. engine.PagedKVCache keeps the same contract in a pool of pages."""
+    """Keys and values pre-allocated, (n_layer, rows, max_len, n_kv, hd), as gpt-fast. Slot = position: rows of
+    different lengths need no left padding, a query at position p reads its row's slots 0..p in place."""
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
         shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
@@ -143,8 +142,7 @@ class KVCache:
 
 
 def masked_attention(q, k, v, input_pos, fold=None):
-    """q: (B, nh, T, hd) at positions input_pos (B, T); k, v: (B, n_kv, S, hd) at slots 0..S-1, of which a query
-    sees those up to its position. -> (B, nh, T, hd). fold (default: on CUDA): see below."""
+    """q (B, nh, T, hd) at positions input_pos (B, T) attends to k, v (B, n_kv, S, hd) up to its position."""
     B, nh, T, hd = q.shape
     S = k.size(2)
     mask = (torch.arange(S, device=q.device) <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, S)
@@ -274,8 +272,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state_dict, hf_config=None, dtype=None, device=None):
-        """A model holding state_dict's tensors (cast / moved when given; lm_head.weight optional when tied), built on
-        the meta device: no random init, and a tensor needing no cast or move is used, not copied."""
+        """A model holding state_dict's tensors (used, not copied, where no cast or move is asked), built on meta."""
         with torch.device("meta"):
             model = cls(cfg, hf_config)
         sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
@@ -292,9 +289,8 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, path, write=True, max_shard_bytes=5 * 10**9):
-        """config.json and the weights as transformers writes them (shards of at most max_shard_bytes past one file),
-        streamed: an FSDP2 model's weights are gathered one at a time (every rank calls this; those with `write`
-        write). Not atomic: callers write a fresh temporary folder and rename it."""
+        """config.json and the weights as transformers writes them, an FSDP2 model's gathered one at a time (every
+        rank calls this; those with `write` write). Not atomic: callers write a temporary folder and rename it."""
         sd = {k: v for k, v in self.state_dict().items() if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         shards, size = [[]], 0  # a tied head is the embedding's tensor: safetensors refuses aliases
         for k, v in sd.items():

@@ -40,8 +40,7 @@ def preflight(c):
 
 
 class Clock:
-    """Seconds per phase (and per "phase: kind of work"), tokens sampled per phase and, with --profile, each phase's
-    peak tensor bytes. Phases are memory.Phase's names, so the profile sets them beside the plan."""
+    """Seconds and tokens sampled per phase (memory.Phase's names) and, with --profile, its peak tensor bytes."""
 
     def __init__(self, device, profile=False):
         self.device, self.profile, self.t0 = device, profile, time.time()
@@ -72,8 +71,7 @@ def histogram(ps, bins=10):  # bin k holds p in [k/bins, (k+1)/bins); the last, 
 # ------------------------------------------------------------------------------------------ during the loop
 
 def no_signal(c, n, parsed, cut, votes, votes_cut, zero_var):
-    """Why a Challenger step has little or no signal, in one line naming the likely setting; "" if it has signal.
-    n outputs, `parsed` with a question, `cut` at the token budget; votes on the parsed ones."""
+    """Why a Challenger step has little or no signal, in one line naming the likely setting; "" if it has signal."""
     answers = [a for v in votes if v is not None for a in v.answers]
     none = sum(a is None for a in answers)
     why = []
@@ -89,8 +87,7 @@ def no_signal(c, n, parsed, cut, votes, votes_cut, zero_var):
 
 
 def challenger_step(run, it, step, texts, cut, stats, rewards, votes, votes_cut, upd, times):
-    """A Challenger step's metrics row, its questions (iter{i}/challenger_questions.jsonl, a row per step, with p,
-    reward and repetition penalty) and its line; times: start, rollouts, rewards, update done; tokens sampled."""
+    """A Challenger step's metrics row, its questions (iter{i}/challenger_questions.jsonl) and its line."""
     t0, t1, t2, t3, tokens = times
     ps = [s["p"] for s in stats if s["p"] is not None]
     row = dict(iteration=it, phase="challenger", step=step, reward=sum(rewards) / len(rewards),
@@ -178,7 +175,6 @@ def benchmarks(run, name, solver_path):
 
 
 def measured(run, name, solver_path):
-    """The base's ("base") or an iteration's Solver measured on held-out problems and benchmarks, where given."""
     if name == "base":
         run.clock.t0 = time.time()
         print0(f"R-Zero: {run.c.iterations} iterations from {run.base} on {world()} x {run.device} -> {run.c.out_dir}")
@@ -263,9 +259,8 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 
 def svg_chart(panels, path, spread=0.0):
-    """Plain SVG, no plotting library: panels side by side, each (title, x label, {series: [(x, y, low, high)]},
-    {label: y} dashed lines), a colour per series name; low..high a bar where not None; a title ending in "(%)"
-    shows y x 100; spread: pixels between series at the same x, so bars do not hide each other."""
+    """Plain SVG: panels side by side, each (title, x label, {series: [(x, y, low, high)]}, {label: y} dashed); a
+    title ending in "(%)" shows y x 100; spread: pixels between series at the same x, so bars do not hide."""
     names = list(dict.fromkeys(s for _, _, series, _ in panels for s in series))
     colour = dict(zip(names, COLOURS * 9))
     W, H, L, T, PW, PH, GAP = 60 + len(panels) * 440 + 120, 380, 60, 40, 330, 260, 110
@@ -310,8 +305,7 @@ def svg_chart(panels, path, spread=0.0):
 
 
 def picture(run, rows):
-    """run.svg: the reward of every Challenger and Solver step (x: iteration, its steps spread over it), and per
-    iteration the kept share, pseudo-label accuracy and held-out accuracy (toy world) or MATH AVG (--eval-data)."""
+    """run.svg: the reward of every step, and per iteration the kept share and the measured accuracies."""
     steps, rewards, per_it, refs = {"challenger": run.c.challenger_steps, "solver": run.c.solver_steps}, {}, {}, {}
     for m in (m for m in read_jsonl(run.path("metrics.jsonl")) if m["phase"] in steps):
         x = m["iteration"] - 1 + (m["step"] + 1) / steps[m["phase"]]

@@ -31,9 +31,8 @@ warnings.filterwarnings("ignore", "torch.distributed is disabled")  # torch.dist
 
 
 def init_distributed(device, minutes=180):
-    """CUDA: NCCL bound to this rank's GPU (gloo beside it), a group of one without torchrun, so 1 and N GPUs run the
-    same FSDP2 code; CPU: gloo under torchrun, none without. OBJECTS (gloo) waits on rank-0 work off the GPU. A rank
-    waiting `minutes` for the others ends the run (NCCL's 10 is shorter than rollouts can differ across ranks)."""
+    """CUDA: NCCL (gloo beside it), a group of one without torchrun, so 1 and N GPUs run the same FSDP2 code; CPU:
+    gloo under torchrun. OBJECTS (gloo) waits on rank-0 work off the GPU. `minutes`: NCCL's 10 is too short."""
     global OBJECTS
     if dist.is_initialized() or (device.type == "cpu" and "RANK" not in os.environ):
         return
@@ -61,8 +60,7 @@ def barrier():
 
 
 def on_rank0(fn, *args):
-    """fn(*args) on rank 0, its value (or its exception) on every rank: a decision every rank takes alike, such as
-    whether a file exists on a shared folder that another node sees later."""
+    """fn(*args) on rank 0, its value (or its exception) on every rank: a decision every rank takes alike."""
     if world() == 1:
         return fn(*args)
     box = [None]
@@ -99,9 +97,8 @@ def gather(items):
 
 
 def parse_settings(cls, argv=None, presets=None, known=False, **parser):
-    """argv -> the settings dataclass `cls` (and, known=True, the arguments it does not know): each field a flag, its
-    help the comment after the field, grouped under the `# --` headings (else the class's docstring); --preset NAME
-    starts from presets[NAME]. A mistake raises ValueError in one line (argparse would print its usage first)."""
+    """argv -> `cls` (known=True: and the unknown arguments): each field a flag, its help the field's comment, in
+    groups of the `# --` headings; --preset NAME. A mistake raises ValueError (argparse prints its usage first)."""
     ap = argparse.ArgumentParser(formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False, **parser)
     ap.error = lambda message: (_ for _ in ()).throw(ValueError(message))
     names = list(presets or ())
@@ -163,8 +160,7 @@ def resolve_model(name):
 
 @contextlib.contextmanager
 def atomic(path):
-    """Yields a temporary path to write a file or a folder at; on success it replaces `path` in one rename, so
-    a crash (even SIGKILL) leaves the old `path` or the new one, never half of one."""
+    """A temporary path to write at, renamed over `path` on success: a crash leaves the old or the new, never half."""
     tmp = path.rstrip("/") + ".tmp"
     if os.path.isdir(tmp):  # left by a crash
         shutil.rmtree(tmp)
@@ -211,8 +207,7 @@ def open_run_folder(out_dir, settings: dict, may_differ=()):
 
 
 def append_row(path, row: dict, key):
-    """Rank 0 appends a JSON row to a JSON Lines file, replacing any row with the same key(row) (one that a run
-    killed before its checkpoint left behind: the resumed step writes it again). NaN and inf become null."""
+    """Rank 0 appends `row`, replacing one of the same key (a killed run's: the resumed step writes it again)."""
     if rank() == 0:
         with open(path) if os.path.isfile(path) else contextlib.nullcontext([]) as f:
             rows = [line for line in f if key(json.loads(line)) != key(row)]
@@ -235,8 +230,7 @@ def shard(model, dtype):
 
 
 def load_sharded(path, device, param_dtype, dtype):
-    """A model built on the meta device, sharded, then each rank filling its shards with the rows of the checkpoint
-    it keeps (safetensors reads slices): no rank reads or holds the whole model."""
+    """Built on meta, sharded, each rank reading its own rows of the checkpoint: no rank holds the whole model."""
     from torch.distributed.tensor import Shard
 
     hf = read_config(path)
@@ -263,7 +257,6 @@ def free_memory(device):
 
 
 def trainable(path, device, dtype, checkpoint_blocks=False):
-    """fp32 master weights, FSDP2-sharded where there is a process group."""
     free_memory(device)
     model = load_sharded(path, device, torch.float32, dtype) if dist.is_initialized() else \
         Transformer.from_pretrained(path, dtype=torch.float32, device=device)
@@ -293,8 +286,7 @@ def on_device(model, device):
 
 
 def sampling_copy(model, device, dtype):
-    """The trained model as a plain module to decode with: each weight cast on its shard, then gathered (no full
-    fp32 copy). One process in float32 on the CPU samples from the model itself."""
+    """The trained model as a plain module to decode with, each weight cast on its shard, then gathered."""
     if not dist.is_initialized() and dtype == torch.float32:
         return model
     tied = model.config.tie_word_embeddings
@@ -314,8 +306,7 @@ def export(model, tokenizer, path):
 
 
 def save_state(path, model, opt, meta):
-    """The phase in progress after a step, a torch.distributed.checkpoint folder (each rank its own shards of the model
-    and AdamW, rank 0 the meta and its RNG), renamed over the previous one. N ranks' checkpoint loads on M ranks."""
+    """The phase in progress, a torch.distributed.checkpoint folder (each rank's shards; N ranks' loads on M)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

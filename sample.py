@@ -25,7 +25,6 @@ class Completion:
 
 
 def chat_prompt(tokenizer, system, user):
-    """Token ids of a system + user turn with the generation prompt, via the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -112,8 +111,7 @@ def check_request(prompts, stop_strings, tokenizer, seed):
 
 
 def uniforms(seed, j, max_new_tokens):
-    """The uniforms of sample j of a prompt: its own stream, so its tokens are the same in any batch, order, budget,
-    rank split or preemption. float64: see sample_next."""
+    """Sample j's own stream (float64: see sample_next): its tokens are the same in any batch, order or split."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + j) % 2**62)
     return torch.rand(max_new_tokens, generator=g, dtype=torch.float64)
 

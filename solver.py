@@ -1,20 +1,15 @@
 """The Solver side of R-Zero: its prompt, the pseudo-labelled dataset it trains on, and its reward (Sec. 3.3).
 
-One step is shared with the Challenger: the frozen Solver answers a question m times (train.py samples them,
-each rank its share), `vote` extracts each answer's last \\boxed{} and takes the majority by mathematical
-equivalence (`majority_vote`, grader.is_equiv). For question x:
-    y* = majority answer (the pseudo-label),  p = #answers equivalent to y* / m.
-The Challenger's uncertainty reward is a function of p (challenger.py); the Solver dataset keeps the questions
-of informative difficulty:
-    keep x  iff  |p - 1/2| <= delta,  delta = 0.25   (3..7 agreeing answers out of m = 10)
+The frozen Solver answers a question m times; `vote` takes the majority of the last \\boxed{} answers by equivalence
+(grader.is_equiv):  y* = the majority answer (the pseudo-label),  p = #answers equivalent to y* / m.
+The Challenger's reward is a function of p; the Solver's dataset keeps questions of informative difficulty,
+    keep x  iff  |p - 1/2| <= delta,  delta = 0.25   (3..7 agreeing answers out of m = 10),
 and the Solver is then trained with GRPO on reward 1[last boxed answer == y*].
 
 Paper vs the authors' code (the paper is the default, the code is a switch):
-- `band="code"`: keep 0.3 <= p <= 0.8 (the code used m = 9), a missing \\boxed{} votes "None", and problems
-  whose majority is empty or "None" are dropped.
+- `band="code"`: keep 0.3 <= p <= 0.8; a missing \\boxed{} votes "None"; a majority "None" or empty is dropped.
 - The code's Solver reward was 0.9 * correct + 0.1 * format(<think> tags), a template leftover; here the paper's.
-- Voting samples untruncated at temperature 1 (the code: top-k 40, `vote_top_k=40`): p is meant to be the
-  Solver's own probability of its majority answer, and its rollouts (top-p 0.99) are all but untruncated.
+- Voting samples untruncated (the code: top-k 40, `vote_top_k=40`): p is meant as the Solver's own probability.
 """
 from dataclasses import dataclass
 
@@ -47,8 +42,8 @@ def solver_prompt(tokenizer, problem: str) -> list[int]:
 
 
 def majority_vote(answers, none_is_answer=False) -> Vote:
-    """Answers grouped by equivalence; the majority is the largest group (ties: the first formed), p its share.
-    Missing answers count in the denominator but form no group, unless none_is_answer (the code's "None")."""
+    """The largest group of equivalent answers (ties: the first formed) and its share; a missing answer counts in
+    the denominator but forms no group, unless none_is_answer (the code's "None")."""
     groups = []  # [representative, count] in order of formation
     for a in answers:
         if not grader.is_answer(a):
@@ -68,7 +63,6 @@ def majority_vote(answers, none_is_answer=False) -> Vote:
 
 
 def vote(responses: list[str | None], cfg: SolverConfig) -> Vote:
-    """The Solver's m responses to one question -> their last boxed answers and majority."""
     answers = [grader.extract_boxed(r) if r else None for r in responses]
     return majority_vote(answers, none_is_answer=cfg.band == "code")
 
@@ -81,8 +75,7 @@ def in_band(p: float, cfg: SolverConfig) -> bool:
 
 
 def build_dataset(questions: list, votes: list, cfg: SolverConfig) -> tuple[list[dict], dict]:
-    """Records {problem, pseudo_label, p} of the N questions (None: unparsable) and their votes, and the counts at
-    each filter: generated = unparsable + no_majority + out_of_band + kept."""
+    """Records {problem, pseudo_label, p} and the counts: generated = unparsable + no_majority + out_of_band + kept."""
     counts = dict(generated=len(questions), unparsable=0, no_majority=0, out_of_band=0, kept=0)
     records = []
     for q, v in zip(questions, votes):

@@ -7,13 +7,10 @@ challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`, solver
 folder (model_type qwen3) and loads like Qwen3-4B-Base.
 
 Why this world (README, "The method"): the Solver step only sharpens a model toward its own majority vote, so the
-base Solver must gain from voting with a mostly right majority: long worked chains, where one slip at temperature 1
-ruins a sample and the vote recovers the answer. 4 levels give the Challenger a range to aim in; its documents are
-mostly easy (32:8:2:1, as in real text; the Solver's are even), so the base Challenger writes problems its Solver is
-sure of, or gets wrong in a repeated way, and the run depends on the Challenger learning to aim (measured: with
-8:4:2:1 an untrained Challenger did nearly as well as a trained one). Documents are packed into rows; chains copy
-only nearby numbers (a far copy late in a long chain stayed at 0% after 900 steps); 2 layers (a third made runs
-30% slower, not better) and 1000 steps. The shipped build was chosen among candidates by measurement (README).
+base Solver must gain from voting: long worked chains, where one slip at temperature 1 ruins a sample and the vote
+recovers the answer. 4 levels give the Challenger a range to aim in; its documents are mostly easy (32:8:2:1; the
+Solver's are even), so the run depends on the Challenger learning to aim (with 8:4:2:1 an untrained Challenger did
+nearly as well). 2 layers and 1000 steps: the shipped build was chosen among candidates by measurement (README).
 
 The checker (`solve`, `check_answer`, `difficulty`, `heldout_problems`) never evals and is for MEASUREMENT ONLY: no
 training signal uses it. Held-out problems (a hash rule) are never pretraining documents; a Challenger may write one.

@@ -15,11 +15,9 @@ Each iteration, from the Challenger and Solver of the previous one (both the bas
   2. Dataset phase: the frozen Challenger writes N problems, the frozen Solver answers each m times; the majority
      is the pseudo-label, and problems of informative difficulty are kept (solver.py).
   3. Solver phase: GRPO on the Solver against the pseudo-labels (solver.py, grpo.py).
-This file is the method: three verbs (generate, vote, train on rollouts), the three phases, the loop; where models
-live is runtime.py's, what a run measures and prints report.py's. Each phase skips itself when its output exists; a
-killed run resumes from the step in progress. Under torchrun each rank samples its share, seeded per item (the same
-samples on any number of ranks), and gathers what is batch-wide (votes, the repetition penalty).
-Outputs (--out-dir, README): config.json, metrics.jsonl, run.svg, iter{i}/ with the Challenger and Solver.
+This file is the method: three verbs (generate, vote, train on rollouts), the three phases, the loop. Each phase
+skips itself when its output exists; a killed run resumes from the step in progress. Under torchrun each rank samples
+its share, seeded per item (the same samples on any number of ranks), and gathers what is batch-wide.
 
 Departures from the paper: AdamW with fp32 master weights (bf16 compute on GPU); the authors' Solver phase runs 20
 steps and keeps step 15, ours runs `solver_steps`; the toy preset is scaled down (toy.py).
@@ -123,12 +121,10 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 
 # The paper's settings are the TrainConfig defaults; its batch of 128 gives 4 updates per step in both phases. The
 # authors' scripts ran 32 Challenger updates per step, micro-batches of 2 (the Solver's: 1): grpo.GRPOConfig.loss_agg.
-PAPER = dict(iterations=3, challenger_steps=5, solver_steps=15, challenger_updates=4, solver_updates=4, lr=1e-6,
-             activation_checkpointing=True)
+PAPER = dict(activation_checkpointing=True)
 PRESETS = {
-    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32. With more
-    # problems to spare, the Solver never runs short and the Challenger's aim cannot matter (measured: README). On the
-    # CPU even where a GPU is: the world and its tables are measured in float32 there.
+    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32: with more to
+    # spare, the Challenger's aim cannot matter (README). On the CPU: the world's tables are float32's.
     "toy": dict(model="toy", out_dir="runs/toy", device="cpu", challenger_steps=5, challenger_prompts=32,
                 challenger_group=4, challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160,
                 n_problems=272, solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
@@ -219,8 +215,7 @@ def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates
 
 
 def start_phase(run, it, name, path):
-    """The models a GRPO phase trains from `path`: the policy (fp32 master weights), the frozen reference (the policy
-    at the start of the phase, for the KL term), AdamW; resumed after the saved step of this phase -> (..., step)."""
+    """The policy, its frozen reference (for the KL term) and AdamW from `path`, or resumed -> (..., first step)."""
     model = trainable(path, run.device, run.dtype, run.c.activation_checkpointing)
     ref = frozen(path, run.device, run.dtype, reference=True)
     opt = grpo.make_optimizer(model, run.c)
@@ -238,8 +233,7 @@ def end_step(run, it, name, step, model, opt):
 # ------------------------------------------------------------------------------------------ the three phases
 
 def challenger_phase(run, it, prev_challenger, solver_path):
-    """GRPO on the Challenger: each question is rewarded by the frozen Solver's uncertainty about it, less a penalty
-    for questions like the others of the batch -> the new Challenger's folder."""
+    """GRPO on the Challenger, rewarded by the frozen Solver's uncertainty less a repetition penalty -> its folder."""
     c, G, out = run.c, run.c.challenger_group, run.path(f"iter{it}", "challenger")
     if on_rank0(os.path.isdir, out):  # rank 0 decides, so every node takes the same branch
         return out
@@ -276,8 +270,7 @@ def challenger_phase(run, it, prev_challenger, solver_path):
 
 
 def dataset_phase(run, it, challenger_path, solver_path):
-    """The frozen Challenger writes N problems, the frozen Solver's vote labels them, the informative ones are kept:
-    |p - 1/2| <= delta -> the kept records {problem, pseudo_label, p} (iter{i}/dataset.jsonl)."""
+    """N problems of the frozen Challenger, labelled by the frozen Solver's vote, kept if informative -> records."""
     c, out = run.c, run.path(f"iter{it}", "dataset.jsonl")
     if (kept := on_rank0(read_jsonl, out)) is not None:
         return kept
