@@ -4,17 +4,11 @@
     python bench.py --preset gpu              # Qwen3-1.7B and Qwen3-4B shapes, bfloat16, one CUDA GPU
     python bench.py --preset gpu --compile    # plus a torch.compile'd (CUDA-graph) decode step at batch 1
 
-One process, the same weights (transformers' random init, saved, loaded by Transformer.from_pretrained), dtype,
-threads and inputs; medians of --repeats runs after a warm-up, ours and theirs interleaved.
-- rollout (R-Zero's shape): P prompts of different lengths x n samples, "short" and "long" (the toy run's answers);
-  vocab / mean_new_tokens random ids are EOS, so lengths are geometric ("length mean / max"). "rollout paged": the
-  long rollout in a KV budget of --paged-budget x (rows x max_len) (engine.py's pages, with preemption). MB/step:
-  what a decode step of ours moves (the weights, the attention's traffic) against the ideal (each row's tokens once).
-- training: forward + backward of a right-padded batch's completion log-probs ("sum logp" must agree).
-- decode b=1: time per token; bandwidth = (weights + KV cache read at the mean context) / step time.
-% roofline: max(useful FLOPs / FLOP/s, minimal bytes / bandwidth) / run time. CPU s (process CPU time) is the
-steadier clock on a shared machine, and the roofline's on CPU; with more threads than free cores, OpenMP barriers
-inflate both: --threads 1.
+One process, the same weights, dtype, threads and inputs; medians of --repeats runs after a warm-up, interleaved
+(BENCHMARKS.md reads the table). Rollout: P prompts x n samples whose lengths are geometric (vocab / mean_new_tokens
+random ids are EOS); "rollout paged" is the long one in a KV budget of --paged-budget x (rows x max_len). Training:
+forward + backward of completion log-probs ("sum logp" must agree). Decode b=1: time per token. % roofline: max(useful
+FLOPs / FLOP/s, minimal bytes / bandwidth) / run time. CPU s is the steadier clock on a shared machine: --threads 1.
 """
 import argparse
 import collections

@@ -13,9 +13,8 @@ Protocol (README, "The method"; the authors' evaluation/*.py). Math: the Solver 
 grader.is_equiv. General: the authors' user turn alone through the chat template, greedy, graded on the letter in
 the last \boxed{} (multiple choice) or as eval_bbeh.py matches (BBEH).
 
-Benchmarks: JSON Lines files (a folder: its *.jsonl; name: the file's less .test.jsonl) or `toy`, the toy world's
-held-out problems. The first row sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, or "bbeh"
-in the name) or "math"; load_benchmark names the fields each is read from (or --question-field, --answer-field).
+Benchmarks (README): JSON Lines files, folders of them, or `toy`, the toy world's held-out problems; the first row
+sets the kind: "choice" (an options / choices list), "bbeh" (a `task`, or "bbeh" in the name) or "math".
 
 Departures from the authors: mean@k samples for real (temperature 0.6, top-p 0.95, Qwen3's recommended settings);
 no LLM judge; a choice letter must be the box's own, and a response without one is wrong (theirs: a random letter).
@@ -90,7 +89,6 @@ def read_jsonl(path):
 
 
 def pick(row, names, override, what, where):
-    """The first of the fields `names` (or the --{what}-field override) that row has."""
     names = [override] if override else names
     for name in names:
         if row.get(name) not in (None, "", []):
@@ -262,7 +260,6 @@ def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
 
 
 def table(results, benches, cfg, cell, avgs=()):
-    """Markdown: a row per model, a column per benchmark (and the averages `avgs`, e.g. MATH AVG)."""
     cols = [b.name + (f" (mean@{k_of(b, cfg)})" if k_of(b, cfg) > 1 else "") for b in benches] + list(avgs)
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, res in results.items():

@@ -1,11 +1,8 @@
 """Will it fit? The memory plan of a run per rank and per phase (Phase), from the model's shape and the settings,
-before anything is loaded: the trained model (fp32 weights, gradients in the update, AdamW's moments, FSDP2-sharded)
-and its reference; a frozen replica or the sampling copy only while it samples; a rollout's KV-cache pool
-(--memory-budget-gb), the rows in flight it leaves at --expected-new-tokens, one layer's gathered pages, the logits,
-a prefill; an update's batch, one micro-batch's activations (--activation-checkpointing: each block's input and
-one block recomputed) and a chunk of lm_head logits. The per-token constants are counted from the ops of model.py,
-sample.py and engine.py; tests/test_memory.py holds the plan to the peaks a run measures (--profile). A run refuses
-to start a plan that cannot fit.
+before anything is loaded: the trained model (fp32 weights, gradients, AdamW, FSDP2-sharded) and its reference; a
+replica only while it samples; a rollout's KV-cache pool and temporaries; an update's activations and log-prob chunk.
+The per-token constants are counted from the ops of model.py, sample.py and engine.py; tests/test_memory.py holds the
+plan to the peaks a run measures (--profile). A run refuses to start a plan that cannot fit.
 
     python train.py --preset qwen3-4b-base --plan --gpus 8 --gpu-memory-gb 40
     python train.py --plan --shape '{"model_type": "qwen3", ...config.json fields}' --gpus 8

@@ -8,10 +8,8 @@ with their spread in one table and one picture.
     python sweep.py --out runs/lr --arms full -- --lr 1e-4    # flags after -- go to every run
 
 Each (arm, seed) is one process, `python train.py --seed S --out-dir OUT/ARM/seedS FLAGS` (log.txt beside), --jobs
-at once with cores / jobs threads each; a sweep killed and re-run resumes every unfinished run. Outputs:
-OUT/results.md and results.json (per arm and iteration: held-out mean@4 over seeds, min..max, and means of
-pseudo-label accuracy, kept problems, question difficulty) and results.svg. The numbers are the toy world's
-checker's: on a real model each run's table is its own (train.py --eval-data).
+at once; a sweep killed and re-run resumes every unfinished run. OUT/results.md, results.json and results.svg hold
+the toy world's checker's numbers per arm and iteration over seeds (a real model: each run's own table).
 """
 import argparse
 import fcntl
@@ -24,6 +22,8 @@ import time
 import torch
 
 import report
+import toy
+import train
 from runtime import read_json, read_jsonl, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +59,6 @@ def parse_args(argv=None):
 
 
 def runs_of(a, extra):
-    """(arm, seed, folder, train.py arguments) of every run of the sweep."""
     out = []
     for arm in a.arms:
         flags = ARMS[arm] + ([a.ttrl_data] if arm == "ttrl" else [])
@@ -91,7 +90,6 @@ def stopped(folder):
 
 
 def finished(folder, args):
-    import train
     return os.path.isdir(os.path.join(folder, f"iter{train.parse_config(args).iterations}", "solver")) or \
         stopped(folder) is not None
 
@@ -209,8 +207,6 @@ def svg(table, base, path):
 
 def main(argv=None):
     a, extra = parse_args(argv)
-    import toy
-    import train
     try:
         on_toy = train.parse_config(extra).model == "toy"
     except ValueError as e:  # a bad flag after --: train.py's own sentence

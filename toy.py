@@ -1,10 +1,8 @@
 """The toy world: a tiny tokenizer and a 0.4M-parameter Qwen3 base model (hidden 128, 2 layers) that `python train.py`
-runs R-Zero on, on a CPU. It ships in toy_world/ (`--model toy`), the same on every machine: pretraining is
-chaotic, so a world rebuilt here (`python toy.py`) is this machine's own. It is pretrained in a few minutes on
-synthetic arithmetic in R-Zero's two formats, in the chat template, as the method prompts:
+runs R-Zero on, on a CPU. It ships in toy_world/ (`--model toy`), the same on every machine (pretraining is chaotic:
+a world rebuilt by `python toy.py` is this machine's own), pretrained on synthetic arithmetic in R-Zero's two formats:
 challenger_prompt + `<question>What is 379 * 4?</question>\\boxed{1516}`, solver_prompt(problem) +
-`300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`. It is saved as an ordinary Hugging Face
-folder (model_type qwen3) and loads like Qwen3-4B-Base.
+`300*4=1200 70*4=280 9*4=36 1200+0280=1480 1480+0036=1516 \\boxed{1516}`, saved as an ordinary Hugging Face folder.
 
 Why this world (README, "The method"): the Solver step only sharpens a model toward its own majority vote, so the
 base Solver must gain from voting: long worked chains, where one slip at temperature 1 ruins a sample and the vote
@@ -184,7 +182,6 @@ def distinct_problems(n: int, seed: int, keep) -> list[str]:
 
 
 def heldout_problems(n: int = 512, seed: int = 1234) -> list[str]:
-    """n distinct held-out problems, an equal share from each level (measurement only)."""
     return distinct_problems(n, seed, is_heldout)
 
 
