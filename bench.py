@@ -67,8 +67,7 @@ PRESETS = {
 
 
 def measure(fn, dev, profile_memory):
-    """Runs fn once -> (result, wall s, process CPU s, peak bytes of the tensors it allocated, or None). CUDA:
-    max_memory_allocated; CPU: the profiler's running sum of allocations (the RSS adds varying slack; slow)."""
+    """fn() once -> (result, wall s, CPU s, peak bytes it allocated: CUDA's, or the (slow) profiler's, or None)."""
     cuda, prof = dev == "cuda", torch.profiler.profile(profile_memory=True) if profile_memory else None
     if cuda:
         torch.cuda.synchronize()

@@ -239,8 +239,7 @@ def prompt_ids(tokenizer, kind, question, raw=False):
 
 
 def evaluate(model, tokenizer, bench: Benchmark, cfg: EvalConfig) -> list[dict]:
-    """Per-problem records of one model on one benchmark (every rank returns all of them). The problems are dealt
-    out in turn (files are ordered by difficulty), each seeded by its index: the same samples on any number of ranks."""
+    """Every problem's record, on every rank: problems are dealt out in turn (files are ordered by difficulty)."""
     k, r = k_of(bench, cfg), rank()
     mine = range(r, len(bench.questions), world())
     prompts = [prompt_ids(tokenizer, bench.kind, bench.questions[i], cfg.raw_prompt) for i in mine]

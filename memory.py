@@ -190,7 +190,7 @@ def verdict(c, s, pc, gpu_memory_gb, cuda=True):
             f"largest part; it would fit with {fix}")
 
 
-def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
+def report(c, s, pc, phases, rows, gpu_memory_gb):
     items = [k for k in dict.fromkeys(k for p in phases.values() for k in p) if any(p.get(k) for p in phases.values())]
     print(f"Memory plan: {c.model} ({n_params(s)[0] / 1e9:.2f}B parameters), {pc.gpus} rank(s) x "
           f"{gpu_memory_gb:g} GiB, KV pool {c.memory_budget_gb:g} GiB, micro-batch {c.micro_batch}, "
@@ -201,15 +201,14 @@ def report(c, s, pc, phases, rows, gpu_memory_gb, cuda=True):
         print(f"| {k.replace('_', ' ')} | " + " | ".join(f"{v / GiB:.2f}" for v in vals) + " |")
     print("rows in flight: " + ", ".join(f"{k} {v}" for k, v in rows.items()) +
           f" (at {c.expected_new_tokens or 'max'} new tokens per completion)")
-    if cuda:  # each rank parks a replica (the voting Solver or the dataset's Challenger) in host memory
-        replica, ranks = (2 if c.dtype != "float32" else 4) * n_params(s)[0], min(pc.gpus, pc.gpus_per_node)
-        print(f"host memory per node: {(ranks * replica + 5e9) / GiB:.1f} GiB ({ranks} ranks x a parked replica of "
-              f"{replica / GiB:.1f} GiB, and rank 0's export shard of at most 5 GB); loading reads each rank's shard "
-              f"of the checkpoint only, and checkpoints are written and read by shards")
-        dec, tr = hours_per_iteration(c, s, pc, rows, pc.gpus)
-        print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
-              f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
-              f"Qwen3-4B-Base on 8 x A100-40GB")
+    replica, ranks = (2 if c.dtype != "float32" else 4) * n_params(s)[0], min(pc.gpus, pc.gpus_per_node)
+    print(f"host memory per node: {(ranks * replica + 5e9) / GiB:.1f} GiB ({ranks} ranks x a parked replica of "
+          f"{replica / GiB:.1f} GiB, and rank 0's export shard of at most 5 GB); loading reads each rank's shard "
+          f"of the checkpoint only, and checkpoints are written and read by shards")
+    dec, tr = hours_per_iteration(c, s, pc, rows, pc.gpus)
+    print(f"estimated time per iteration: {dec + tr:.1f} h ({dec:.1f} h decoding at {pc.bandwidth_gbs:g} GB/s, "
+          f"{tr:.1f} h training at {pc.tflops:g} TFLOP/s, both at 100%); the authors: ~50 h for 3 iterations of "
+          f"Qwen3-4B-Base on 8 x A100-40GB")
 
 
 def check(c, folder, world, device, challenger_prompt_tokens):

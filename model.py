@@ -358,8 +358,7 @@ def read_config(path) -> dict:  # a model folder's config.json
 
 
 def check_folder(path):
-    """One clear error for a folder we cannot load, raised before a run touches anything: config.json and its
-    model_type, every weights file's header (checked against the file size: a truncated file fails), a tokenizer."""
+    """One clear error, before a run touches anything, for a folder we cannot load: config, weights, tokenizer."""
     ModelConfig.from_hf(read_config(path))
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:

@@ -218,8 +218,7 @@ def append_row(path, row: dict, key):
 # ------------------------------------------------------------------------------------------ where models live
 
 def shard(model, dtype):
-    """FSDP2 wherever there is a process group: each block a unit, then the root (kept gathered after its forward
-    for the backward: a reference, which runs none, frees it by hand in grpo.train_step)."""
+    """FSDP2 where there is a process group: each block a unit, then the root (grpo.train_step frees a reference's)."""
     if dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

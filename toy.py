@@ -405,8 +405,8 @@ def main():
     for d, r in [("all", res)] + list(res["by_difficulty"].items()):
         print(f"  difficulty {d:>3}: n={r['n']:4d}  {r['greedy']:.3f} / {r['mean_at_k']:.3f} / {r['maj_at_k']:.3f}")
     t0 = time.time()
-    outs = engine.generate(model, [challenger.challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0, top_p=0.99,
-                           eos_ids=sample.eos_ids_of(tok), tokenizer=tok, seed=0)
+    outs = engine.generate(model, [challenger.challenger_prompt(tok)], n=512, max_new_tokens=48, temperature=1.0,
+                           top_p=0.99, eos_ids=sample.eos_ids_of(tok), tokenizer=tok, seed=0)
     qs = [challenger.parse_question(c.text) for c in outs[0]]
     st = question_stats(qs)
     print(f"base Challenger ({time.time() - t0:.0f}s): parsable {sum(q is not None for q in qs) / len(qs):.3f}, "
