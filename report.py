@@ -192,7 +192,6 @@ def iteration_row(run, it):
 
 
 def finish(run):
-    """The tables (the loop's and the world's numbers per iteration, benchmarks, time, --profile) and run.svg."""
     c, total = run.c, time.time() - run.clock.t0
     its = range(1, c.iterations + 1)
     rows = [("base", measure(run, "base", run.base))]

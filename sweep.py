@@ -196,7 +196,6 @@ def markdown(table, per_seed, base, seeds, wall, machine, dry=()):
 
 
 def svg(table, base, path):
-    """Held-out mean@4 and pseudo-label accuracy per iteration: a line per arm, its seeds' min..max as bars."""
     panels = []
     for key, title in (("mean_at_k", "held-out mean@4 (%)"), ("pseudo_acc", "pseudo-label accuracy (%)")):
         series = {arm: [(i, m[key]["mean"], m[key]["min"], m[key]["max"]) for i, m in its.items() if m[key]]

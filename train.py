@@ -204,7 +204,6 @@ def vote(run, model, questions, seed):
 
 
 def train_on(run, model, ref, opt, prompts, completions, rewards, group, updates):
-    """GRPO on this rank's rollouts: assemble the batch, then the step's optimizer updates (grpo.py)."""
     pad = run.tok.pad_token_id if run.tok.pad_token_id is not None else sample.eos_ids_of(run.tok)[0]
     rollout, zero = grpo.assemble(prompts, [x.tokens for x in completions], rewards, group, pad, run.c, run.device)
     stats = grpo.train_step(model, opt, rollout, ref, run.c, updates)  # on GPU, FSDP2 computes in bf16
