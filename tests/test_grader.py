@@ -130,11 +130,11 @@ def test_non_strings_are_never_equivalent():
     assert not is_equiv(None, "1") and not is_equiv("1", None) and not is_equiv(1, 1)
 
 
-def _cpu_ms(fn, *args):
+def _cpu_ms(fn, *args):  # this thread's CPU time: idle torch threads spinning after a test do not count
     grader._key.cache_clear()  # time the uncached work
-    start = time.process_time()
+    start = time.thread_time()
     out = fn(*args)
-    return out, (time.process_time() - start) * 1e3
+    return out, (time.thread_time() - start) * 1e3
 
 
 ADVERSARIAL = [
@@ -191,12 +191,12 @@ def test_fuzz():
     worst = 0.0
     for s in strings:
         t = rng.choice(strings)
-        start = time.process_time()
+        start = time.thread_time()
         same, forth, back = is_equiv(s, s), is_equiv(s, t), is_equiv(t, s)
         boxed, gsm = extract_boxed(s), extract_gsm8k(s)
         vote = majority_vote([s, t, None, s])
         majority, p = vote.majority, vote.p
-        worst = max(worst, time.process_time() - start)
+        worst = max(worst, time.thread_time() - start)
         assert same == bool(grader._key(s)[0]) == is_answer(s)  # reflexive unless the answer normalises to nothing
         assert forth == back
         assert boxed is None or isinstance(boxed, str)

@@ -216,9 +216,9 @@ def _every_parser(s, other):
 
     def call(fn, *args):
         nonlocal slowest
-        t = time.process_time()
+        t = time.thread_time()
         out = fn(*args)
-        slowest = max(slowest, time.process_time() - t)
+        slowest = max(slowest, time.thread_time() - t)
         return out
 
     q, a = call(challenger.parse_question, s), call(challenger.parse_challenger_answer, s)
@@ -245,9 +245,9 @@ def test_parsers_and_grader_survive_hostile_output(strings, bound_s):
 def test_repetition_penalty_on_hostile_questions():
     qs = [challenger.parse_question(s) or "?" for s in NASTY] + fuzzed(200, seed=2) + ["", " ", "\x00"]
     qs += ["a " * 50_000] * 3
-    t = time.process_time()
+    t = time.thread_time()
     pen = challenger.repetition_penalty(qs)
-    assert time.process_time() - t < 3.0
+    assert time.thread_time() - t < 3.0
     assert len(pen) == len(qs) and all(1 / len(qs) - 1e-12 <= x <= 1.0 for x in pen)
     assert pen[-1] >= 3 / len(qs)  # the three copies share a cluster
     assert all(0.0 <= challenger.bleu4(h.split(), r.split()) <= 1.0 + 1e-12 for h in qs[::7] for r in qs[::11])
