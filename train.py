@@ -124,7 +124,7 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 PAPER = dict(activation_checkpointing=True)
 PRESETS = {
     # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32: with more to
-    # spare, the Challenger's aim cannot matter (README). On the CPU: the world's tables are float32's.
+    # spare, the Challenger's aim did not matter (an earlier world). On the CPU: the world's tables are float32's.
     "toy": dict(model="toy", out_dir="runs/toy", device="cpu", challenger_steps=5, challenger_prompts=32,
                 challenger_group=4, challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160,
                 n_problems=272, solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
