@@ -191,12 +191,17 @@ def test_fuzz():
     worst = 0.0
     for s in strings:
         t = rng.choice(strings)
-        start = time.thread_time()
-        same, forth, back = is_equiv(s, s), is_equiv(s, t), is_equiv(t, s)
-        boxed, gsm = extract_boxed(s), extract_gsm8k(s)
-        vote = majority_vote([s, t, None, s])
+        took = []  # CPU seconds of each try. A case over the bound is timed once more, from cold caches again: a
+        # pathological input is slow every time, a stall of the machine once (in the full suite a case read 0.19 s)
+        while not took or (took[-1] >= 0.05 and len(took) < 2):
+            grader._key.cache_clear()
+            start = time.thread_time()
+            same, forth, back = is_equiv(s, s), is_equiv(s, t), is_equiv(t, s)
+            boxed, gsm = extract_boxed(s), extract_gsm8k(s)
+            vote = majority_vote([s, t, None, s])
+            took.append(time.thread_time() - start)
         majority, p = vote.majority, vote.p
-        worst = max(worst, time.thread_time() - start)
+        worst = max(worst, min(took))
         assert same == bool(grader._key(s)[0]) == is_answer(s)  # reflexive unless the answer normalises to nothing
         assert forth == back
         assert boxed is None or isinstance(boxed, str)
