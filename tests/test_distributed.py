@@ -13,8 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_markov_world
-from test_train import ENV, ROOT, metrics, train_cmd, weights
+from test_train import ENV, ROOT, metrics, train_cmd, weights, world  # noqa: F401 (world: test_train's fixture)
 
 
 def port():
@@ -38,25 +37,22 @@ def strip(rows):
     return [(m["phase"], m.get("step"), m.get("reward"), m.get("kept")) for m in rows]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_markov_world(tmp_path_factory.mktemp("markov"))
+def finished(cmd, out):  # out, once cmd (one process or a torchrun job) has run to its end
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
 def one(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
-    r = run(train_cmd(world, out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return finished(train_cmd(world, out), out)
 
 
 @pytest.fixture(scope="module")
 def two(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
-    r = run(torchrun(train_cmd(world, out)))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return finished(torchrun(train_cmd(world, out)), out)
 
 
 def test_two_ranks_equal_one_process(world, one, two):
