@@ -108,11 +108,12 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values pre-allocated, (n_layer, rows, max_len, n_kv, hd), as gpt-fast. Slot = position: rows of
-    different lengths need no left padding, a query at position p reads its row's slots 0..p in place."""
+    """Keys and values pre-allocated, (n_layer, rows, n_kv, max_len, hd), as gpt-fast. Slot = position: rows of
+    different lengths need no left padding, a query at position p reads its row's slots 0..p in place (each head's
+    slots adjacent: a CPU's attention over them is ~1.3x faster than over (rows, max_len, n_kv, hd), same bits)."""
 
     def __init__(self, cfg: ModelConfig, rows, max_len, dtype, device):
-        shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -122,19 +123,19 @@ class KVCache:
 
     def write(self, layer, rows, k, v, input_pos):  # k, v: (B, n_kv, T, hd) into (rows[b], slot input_pos[b, t])
         rows = torch.as_tensor(rows, device=k.device)[:, None]  # (B, 1)
-        self.k[layer][rows, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
-        self.v[layer][rows, input_pos] = v.transpose(1, 2)
+        self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
+        self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
 
     def attend(self, layer, q, k, v, input_pos, kv_len):  # batch row b is cache row b; -> (B, nh, T, hd)
         B = len(input_pos)
         self.write(layer, range(B), k, v, input_pos)
-        k, v = (c[layer][:B, :kv_len].transpose(1, 2) for c in (self.k, self.v))  # (B, n_kv, kv_len, hd), in place
+        k, v = (c[layer][:B, :, :kv_len] for c in (self.k, self.v))  # (B, n_kv, kv_len, hd), in place
         return masked_attention(q, k, v, input_pos)
 
     def copy_rows(self, rows, src, length):  # slots 0..length-1 of row src (or of each of rows src) into `rows`
         src = [src] if isinstance(src, int) else src
         for layer in (*self.k, *self.v):  # a layer at a time, so the copy's temporary is one layer's
-            layer[rows, :length] = layer[src, :length]
+            layer[rows, :, :length] = layer[src, :, :length]
 
     def keep_rows(self, rows, length):  # the kept rows' first `length` slots to the front; the others are dropped
         self.copy_rows(slice(0, len(rows)), rows, length)

@@ -430,7 +430,7 @@ def test_cache_bytes_and_shape():
     for dtype in (torch.float32, torch.bfloat16):
         assert KVCache.token_bytes(cfg, dtype) == 2 * 2 * 1 * 2 * dtype.itemsize
     cache = KVCache(cfg, rows=3, max_len=5, dtype=torch.float32, device="cpu")
-    assert cache.k.shape == cache.v.shape == (2, 3, 5, 1, 2)  # (n_layer, rows, max_len, n_kv, hd)
+    assert cache.k.shape == cache.v.shape == (2, 3, 1, 5, 2)  # (n_layer, rows, n_kv, max_len, hd)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
