@@ -106,7 +106,8 @@ class PagedKVCache:
             layer[to] = layer[frm]
 
     def keep_rows(self, rows, length=None):
-        """Keep `rows` (the others released), their pages moved to the bottom: attention reads no free page."""
+        """Keep `rows` (the others released) as rows 0.., their pages moved to the bottom: attention reads no free
+        page. -> rows (the old row of each)."""
         self.held = [self.held[r] for r in rows]
         n = sum(map(len, self.held))
         holes = iter(sorted(set(range(1, n + 1)) - {p for h in self.held for p in h}))
@@ -121,6 +122,7 @@ class PagedKVCache:
         self.page_row.zero_(), self.page_col.fill_(self.table.size(1))
         self.read = 1
         self._assign([(r, j, p) for r, h in enumerate(self.held) for j, p in enumerate(h)])
+        return rows
 
     def write(self, layer, rows, k, v, input_pos):  # k, v: (B, n_kv, T, hd) into (rows[b], slot input_pos[b, t])
         page, slot = self.table[rows].gather(1, input_pos // PAGE), input_pos % PAGE  # (B, T) each
@@ -340,8 +342,8 @@ class Engine:
     def compact(self):
         """Drop the finished rows from the batch (rows that own slots move them; paged rows renumber their table)."""
         keep = np.flatnonzero(self.job >= 0)
-        self.cache.keep_rows(keep.tolist(), int(self.pos[keep].max()))  # the slots written so far
-        kt = torch.as_tensor(keep, device=self.dev)
+        keep = self.cache.keep_rows(keep.tolist(), int(self.pos[keep].max()))  # the slots written so far
+        kt = torch.as_tensor(keep, device=self.dev)  # the old row of each row now
         self.job, self.pos, self.B = self.job[keep], self.pos[keep], len(keep)
         for name in ("pos_d", "live", "n_gen", "out_tok", "out_lp", "u", "tok"):
             setattr(self, name, getattr(self, name)[kt])

@@ -128,7 +128,7 @@ class KVCache:
 
     def attend(self, layer, q, k, v, input_pos, kv_len):  # batch row b is cache row b; -> (B, nh, T, hd)
         B = len(input_pos)
-        self.write(layer, range(B), k, v, input_pos)
+        self.write(layer, torch.arange(B, device=q.device), k, v, input_pos)  # (a range would be copied int by int)
         k, v = (c[layer][:B, :, :kv_len] for c in (self.k, self.v))  # (B, n_kv, kv_len, hd), in place
         return masked_attention(q, k, v, input_pos)
 
@@ -137,9 +137,16 @@ class KVCache:
         for layer in (*self.k, *self.v):  # a layer at a time, so the copy's temporary is one layer's
             layer[rows, :, :length] = layer[src, :, :length]
 
-    def keep_rows(self, rows, length):  # the kept rows' first `length` slots to the front; the others are dropped
-        self.copy_rows(slice(0, len(rows)), rows, length)
-        self.k, self.v = self.k[:, : len(rows)], self.v[:, : len(rows)]
+    def keep_rows(self, rows, length):
+        """Keep `rows` (the others dropped) as rows 0..len(rows)-1: a kept row past the end moves its first `length`
+        slots into a dropped row's place (a copy per dropped row, not per kept row) -> the old row of each row."""
+        n, kept, movers = len(rows), set(rows), iter(r for r in rows if r >= len(rows))
+        order = [r if r in kept else next(movers) for r in range(n)]
+        moved = [i for i in range(n) if order[i] != i]
+        if moved:
+            self.copy_rows(moved, [order[i] for i in moved], length)
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+        return order
 
 
 def masked_attention(q, k, v, input_pos, fold=None):

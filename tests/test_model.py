@@ -381,8 +381,8 @@ def test_cached_decoding_rows_of_different_lengths(cached_model):
 @torch.no_grad()
 def test_cache_copied_rows_and_compaction_mid_decode_equal_the_full_forward(cached_model):
     """Row 0's prefill copied into row 1 (the group's shared prompt, copy_rows), rows of different lengths, and
-    dropping a row mid-decode (keep_rows moves the kept rows' slots to the front): each row decodes as the full
-    forward of its own tokens."""
+    dropping a row mid-decode (keep_rows moves a kept row past the end into the dropped row's place): each row
+    decodes as the full forward of its own tokens."""
     model = cached_model
     lens, steps = [12, 12, 30, 7], 24
     seqs = [tokens(B=1, T=n + steps, seed=40 + i)[0] for i, n in enumerate(lens)]
@@ -398,8 +398,9 @@ def test_cache_copied_rows_and_compaction_mid_decode_equal_the_full_forward(cach
     order, got = [0, 1, 2, 3], [[] for _ in lens]
     for s in range(steps):
         if s == 10:  # seq 2 is done: keep the rows of seqs 3, 0 and 1, in that order
-            cache.keep_rows([3, 0, 1], max(lens[b] + s for b in order))
-            order = [3, 0, 1]
+            rows = cache.keep_rows([3, 0, 1], max(lens[b] + s for b in order))  # the old row of each row
+            assert rows == [0, 1, 3]  # row 3 moved into row 2's place; rows 0 and 1 did not move
+            order = [order[r] for r in rows]
         pos = torch.tensor([lens[b] + s for b in order])
         out = model(torch.stack([seqs[b][lens[b] + s] for b in order])[:, None], cache=cache, input_pos=pos[:, None])
         for i, b in enumerate(order):
