@@ -14,7 +14,9 @@ rows busy:
   slots read are bucketed: the k steps could be one CUDA graph) to collect the rows that ended and hand out pages.
 Departures, for simplicity: no prefix pages shared by a group's rows, no chunked prefill, the CUDA graph is not
 captured; on CUDA, index_add_ sums the pages' shares with atomics (bit for bit only under
-torch.use_deterministic_algorithms). On a CPU with the pool holding every row, the arithmetic is sample.py's.
+torch.use_deterministic_algorithms). On a CPU with the pool holding every row, the arithmetic is sample.py's, to
+the bit with one thread; with more, torch's attention rounds a row by its place in the batch (a token at a
+probability boundary can flip), so compaction moves as few rows as it can.
 """
 import sys
 import time
