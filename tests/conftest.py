@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random Hugging Face models and a tiny tokenizer, built locally (no downloads)."""
+import contextlib
+import io
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -23,6 +26,29 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+def main_code(argv):
+    """The exit code of train.main run here on one thread (bit-identical to a subprocess with OMP_NUM_THREADS=1)."""
+    import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def train_here(argv):
+    """`python train.py ARGV` run here (no ~5 s of imports), its output captured, as subprocess.run returns it."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main_code(list(argv))
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

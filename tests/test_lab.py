@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy
-from conftest import make_markov_world
+from conftest import make_markov_world, train_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -22,9 +22,7 @@ LAB = ["--iterations", "1", "--challenger-steps", "1", "--challenger-prompts", "
 
 
 def train(world, out, *extra):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", world, "--out-dir", str(out), *LAB,
-                        *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    return r
+    return train_here(["--model", world, "--out-dir", str(out), *LAB, *extra])
 
 
 def jsonl(path):

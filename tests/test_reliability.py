@@ -25,7 +25,7 @@ import grader
 import grpo
 import solver
 import train
-from conftest import make_markov_world
+from conftest import main_code, make_markov_world
 from test_train import ENV, ROOT, metrics, train_cmd, weights
 
 HELPER = os.path.join(ROOT, "tests", "helpers", "faulty_train.py")
@@ -34,19 +34,6 @@ HELPER = os.path.join(ROOT, "tests", "helpers", "faulty_train.py")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_markov_world(tmp_path_factory.mktemp("markov"))
-
-
-def main_code(argv):
-    """The exit code of train.main run here on one thread (bit-identical to a subprocess with OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code or 0
-    finally:
-        torch.set_num_threads(threads)
-    return 0
 
 
 @pytest.fixture(scope="module")

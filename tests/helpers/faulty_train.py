@@ -4,7 +4,7 @@ FAULT (environment):
   save_state:N      the N-th checkpoint save (torch.distributed.checkpoint.save) leaves half of its data file on
                     disk, before the folder is renamed into place, then the process SIGKILLs itself
   save_weights:N    the N-th safetensors save_file leaves half of its file on disk, then SIGKILL
-  slow_rank1        RANK=1 is late (a slow node): it prepares the run folder once RANK=0 waits in a barrier
+  slow_rank1        RANK=1 is late (a slow node): it prepares the run folder once RANK=0 waits in a collective
   raise_on_rank1:N  as slow_rank1, and rank 1's N-th challenger.challenger_rewards call raises RuntimeError
   (empty)           no fault
 Every mode audits reads: opening a *.tmp file for reading exits with code 99 (deleting a .tmp file or folder with
@@ -110,16 +110,16 @@ elif mode == "raise_on_rank1" and os.environ.get("RANK") == "1":
         return real_rewards(*a, **k)
 
     challenger.challenger_rewards = rewards
-if mode in ("slow_rank1", "raise_on_rank1"):  # rank 1 prepares the run folder once rank 0 waits in a barrier
+if mode in ("slow_rank1", "raise_on_rank1"):  # rank 1 prepares the run folder once rank 0 waits
     marker = sys.argv[sys.argv.index("--out-dir") + 1] + ".rank0-waits"
-    if os.environ.get("RANK") == "0":
-        real_barrier = runtime.barrier
+    if os.environ.get("RANK") == "0":  # its first collective is open_run_folder's on_rank0 broadcast
+        real_on_rank0 = runtime.on_rank0
 
-        def barrier():
+        def on_rank0(*a):
             open(marker, "a").close()
-            real_barrier()
+            return real_on_rank0(*a)
 
-        runtime.barrier = train.barrier = barrier  # runtime.open_run_folder calls runtime's, the phases train's
+        runtime.on_rank0 = on_rank0  # runtime.open_run_folder looks it up in runtime
     elif os.environ.get("RANK") == "1":
         real_open_run_folder = train.open_run_folder
 
@@ -127,6 +127,8 @@ if mode in ("slow_rank1", "raise_on_rank1"):  # rank 1 prepares the run folder o
             deadline = time.time() + 60
             while not os.path.exists(marker) and time.time() < deadline:
                 time.sleep(0.05)
+            assert os.path.exists(marker), "rank 0 never reached its first collective"
+            time.sleep(1)  # rank 0 is in the broadcast by now
             return real_open_run_folder(*a, **k)
 
         train.open_run_folder = open_run_folder
