@@ -303,17 +303,15 @@ def test_a_two_step_toy_run(tmp_path, small_toy):
     before and after, pseudo-label accuracy, question stats) and printed in the summary table."""
     import json
     import shutil
-    import subprocess
-    import sys
+
+    from conftest import train_here
 
     world, out = str(tmp_path / "world"), str(tmp_path / "run")
     shutil.copytree(small_toy, world, ignore=shutil.ignore_patterns("measure-*"))  # no kept base numbers yet
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "train.py"), "--model", world, "--out-dir", out, "--iterations", "1",
-           "--challenger-steps", "1", "--solver-steps", "1", "--challenger-prompts", "4", "--m-answers", "4",
-           "--n-problems", "16", "--solver-problems", "4", "--eval-problems", "8", "--no-filter", "--micro-batch", "8"]
-    r = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+    cmd = ["--model", world, "--out-dir", out, "--iterations", "1", "--challenger-steps", "1", "--solver-steps", "1",
+           "--challenger-prompts", "4", "--m-answers", "4", "--n-problems", "16", "--solver-problems", "4",
+           "--eval-problems", "8", "--no-filter", "--micro-batch", "8"]
+    r = train_here(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -340,8 +338,7 @@ def test_a_two_step_toy_run(tmp_path, small_toy):
     with open(os.path.join(world, kept[0]), "w") as f:
         json.dump(dict(base, greedy=-1.0), f)  # a marker: only a reused file holds it
     cmd[cmd.index(out)] = out2 = str(tmp_path / "run2")
-    r = subprocess.run(cmd + ["--challenger-steps", "0", "--solver-steps", "0"], cwd=root, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    r = train_here(cmd + ["--challenger-steps", "0", "--solver-steps", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(out2, "base_measure.json")) as f:
         assert json.load(f)["greedy"] == -1.0

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_markov_world
+from conftest import make_markov_world, train_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--iterations", "1", "--challenger-steps", "2", "--challenger-prompts", "4", "--m-answers", "4",
@@ -134,7 +134,7 @@ def test_exported_solver_loads_in_transformers(full_run):
 def test_rerun_of_finished_run_changes_nothing(full_run, world):
     out, _ = full_run
     before = weights(os.path.join(out, "iter1/solver")), len(metrics(out))
-    r = run(train_cmd(world, out))
+    r = train_here(train_cmd(world, out)[2:])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (weights(os.path.join(out, "iter1/solver")), len(metrics(out))) == before
 
@@ -173,8 +173,7 @@ def test_kill_and_resume_gives_the_same_models(full_run, world, tmp_path):
 ])
 def test_bad_settings_exit_cleanly(world, tmp_path, args, message):
     out = tmp_path / "bad"
-    cmd = train_cmd(world, out) + args
-    r = run(cmd)
+    r = train_here(train_cmd(world, out)[2:] + args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
@@ -183,7 +182,7 @@ def test_bad_settings_exit_cleanly(world, tmp_path, args, message):
 def test_run_folder_with_other_settings_is_refused(full_run, world):
     out, _ = full_run
     before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("config.json", "metrics.jsonl")}
-    r = run(train_cmd(world, out, "--delta", "0.1"))
+    r = train_here(train_cmd(world, out, "--delta", "0.1")[2:])
     assert r.returncode == 2 and "other settings (delta)" in r.stderr and "Traceback" not in r.stderr
     assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in before}
 
