@@ -74,16 +74,19 @@ def act_bytes(s: ModelConfig, b):
     return (24 if b == 4 else 16) * D + heads + 4 * b * I
 
 
-def decode(s, b, tok, rows, prompt, max_new, U):
+def decode(s, b, tok, rows, prompt, max_new, U, pool):
     """Transient bytes of one sampling call with `rows` in flight; tok: KV-cache bytes per token."""
-    gathered = rows * pages_for(prompt + max_new) * PAGE * tok / s.num_hidden_layers  # one layer's pages
+    pages = min(pool, rows * pages_for(prompt + max_new))  # the most one layer's attention reads in a decode step
+    # engine.PagedKVCache.attend reads pages in place; per page and query head: its query (b), scores and weights
+    # (fp32, then b), its share (b, fp32); and the slots-seen mask (an upper bound for the unpaged cache's attention)
+    attention = pages * s.num_attention_heads * (s.head_dim * (2 * b + 4) + PAGE * (4 + b) + 2 * PAGE)
     logits = rows * s.vocab_size * SAMPLE_BYTES
     arrays = rows * max_new * 20  # tokens (int64), log-probs (fp32), uniforms (fp64) of every row
     # a prefill of U prompts (one layer's no-grad intermediates and pages), or the rows copying its pages by layer
     prefill = U * prompt * (b * (2 * s.hidden_size + 3 * s.intermediate_size) + tok / s.num_hidden_layers)
     prefill = max(prefill, rows * prompt * tok / s.num_hidden_layers / 2) + U * s.vocab_size * 4
-    # the prefill and a decode step's gather and logits are not alive at once: it counts only by what it exceeds
-    return dict(kv_gather=gathered, logits=logits + arrays, prefill=max(0, prefill - gathered - logits))
+    # the prefill and a decode step's attention and logits are not alive at once: it counts only by what it exceeds
+    return dict(attention=attention, logits=logits + arrays, prefill=max(0, prefill - attention - logits))
 
 
 def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
@@ -104,7 +107,7 @@ def plan(c, s: ModelConfig, pc: PlanConfig, world=None, cuda=True):
         pool, r, _ = sizing(s, dtype, jobs, prompt, max_new, int(c.memory_budget_gb * GiB), c.expected_new_tokens)
         rows[name] = r
         return dict(kv_cache=(pool + 1) * PAGE * tok) | decode(s, b, tok, r, prompt, max_new,
-                                                             max(1, min(distinct, r // n)))
+                                                             max(1, min(distinct, r // n)), pool)
 
     def update(seqs, T, micro_batch):
         n = micro_batch * T
