@@ -27,6 +27,7 @@ def pytest_collection_modifyitems(config, items):
             if "cuda" in item.keywords:
                 item.add_marker(skip)
 
+
 def main_code(argv):
     """The exit code of train.main run here on one thread (bit-identical to a subprocess with OMP_NUM_THREADS=1)."""
     import train
