@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import PAGE, pages_for, sizing
-from model import KVCache, ModelConfig
+from model import KVCache, ModelConfig, read_config
 from runtime import resolve_model
 
 GiB = 2**30
@@ -163,8 +163,7 @@ def shape_of(c, shape_json=None):
         return ModelConfig.from_hf(json.loads(shape_json))
     if not os.path.isdir(c.model) and c.model in SHAPES:
         return ModelConfig.from_hf(SHAPES[c.model])
-    with open(os.path.join(c.model if os.path.isdir(c.model) else resolve_model(c.model), "config.json")) as f:
-        return ModelConfig.from_hf(json.load(f))
+    return ModelConfig.from_hf(read_config(c.model if os.path.isdir(c.model) else resolve_model(c.model)))
 
 
 def verdict(c, s, pc, gpu_memory_gb, cuda=True):
