@@ -85,16 +85,20 @@ def family(pid):
 def kill_at(cmd, out, rows, delay):
     """Starts cmd (one process, or a torchrun job), SIGKILLs it and every rank `delay` seconds after metrics.jsonl has
     `rows` rows."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(out.parent / f"{out.name}.rows{rows}.log", "w+")  # what the run said, if it ended by itself
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline and p.poll() is None and not (
             os.path.isfile(out / "metrics.jsonl") and len(metrics(out)) >= rows):
         time.sleep(0.05)
     time.sleep(delay)
-    assert p.poll() is None, "the run ended before it could be killed"
+    if p.poll() is not None:
+        log.seek(0)
+        raise AssertionError(f"the run ended (code {p.returncode}) before it could be killed: {log.read()[-3000:]}")
     for pid in family(p.pid)[::-1]:  # the ranks first
         os.kill(pid, signal.SIGKILL)
     p.wait()
+    log.close()
 
 
 def test_two_ranks_killed_at_random_moments_resume_to_the_same_models(world, two, tmp_path):
