@@ -26,6 +26,9 @@ import torch.distributed as dist
 from model import ModelConfig, Transformer, read_config, rope_inv_freq, weight_files
 
 
+# MKL (torch's CPU matrix products on x86) rounds a row's last bits by its place in the batch and by the thread count
+# unless asked for reproducible results: with this, a sampled row does not depend on the rows beside it (README).
+os.environ.setdefault("MKL_CBWR", "AVX2")  # read at MKL's first product, so importing this module is early enough
 OBJECTS = None  # the gloo group of object collectives and barriers (init_distributed)
 warnings.filterwarnings("ignore", "torch.distributed is disabled")  # torch.distributed.checkpoint in one process
 

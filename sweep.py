@@ -46,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once (default: one per core)")
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--ttrl-data", help="the TTRL arm's problems (JSON Lines); toy world: OUT/ttrl_problems.jsonl, "
-                    "272 problems it writes (not held out)")
+                    "one dataset phase's problems it writes (not held out)")
     ap.add_argument("--table-only", action="store_true", help="summarise the runs already there; run nothing")
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -215,7 +215,8 @@ def main(argv=None):
             sys.exit("error: the ttrl arm needs --ttrl-data FILE (problems of your model's domain)")
         a.ttrl_data = os.path.join(a.out, "ttrl_problems.jsonl")
         if not a.table_only and not os.path.isfile(a.ttrl_data):
-            toy.write_problems(a.ttrl_data, n=272)  # unlabelled, not held out, the size of one dataset phase
+            # unlabelled, not held out, as many as one dataset phase writes
+            toy.write_problems(a.ttrl_data, n=train.PRESETS["toy"]["n_problems"])
     runs = runs_of(a, extra)
     t0 = time.time()
     if not a.table_only:

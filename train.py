@@ -123,11 +123,11 @@ class TrainConfig(solver.SolverConfig, challenger.ChallengerConfig, grpo.GRPOCon
 # authors' scripts ran 32 Challenger updates per step, micro-batches of 2 (the Solver's: 1): grpo.GRPOConfig.loss_agg.
 PAPER = dict(activation_checkpointing=True)
 PRESETS = {
-    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 272 : 8 x 32: with more to
+    # toy: the paper's ratio of generated problems to Solver slots (8000 : 15 x 512), 238 : 7 x 32: with more to
     # spare, the Challenger's aim did not matter (an earlier world). On the CPU: the world's tables are float32's.
-    "toy": dict(model="toy", out_dir="runs/toy", device="cpu", challenger_steps=5, challenger_prompts=32,
+    "toy": dict(model="toy", out_dir="runs/toy", device="cpu", challenger_steps=4, challenger_prompts=32,
                 challenger_group=4, challenger_max_new_tokens=40, m_answers=10, answer_max_new_tokens=160,
-                n_problems=272, solver_steps=8, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
+                n_problems=238, solver_steps=7, solver_problems=32, solver_group=5, solver_max_new_tokens=160,
                 challenger_updates=2, solver_updates=2, lr=5e-5, kl_coef=0.01, micro_batch=8, memory_budget_gb=1.0,
                 expected_new_tokens=0),
     "qwen3-4b-base": dict(PAPER, model="Qwen/Qwen3-4B-Base", out_dir="runs/qwen3-4b-base"),

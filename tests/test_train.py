@@ -217,7 +217,7 @@ def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
         said = entries[f.name.replace("_", "-")]  # the flag's entry: its name, then its help
         assert len(said) > 20 and said.endswith("]") and "[" in said, (f.name, said)
     assert "--lr X AdamW learning rate, constant [1e-06, toy: 5e-05]" in flat
-    assert "--n-problems X N: problems the Challenger writes per iteration [8000, toy: 272]" in flat
+    assert "--n-problems X N: problems the Challenger writes per iteration [8000, toy: 238]" in flat
     for group in ("GRPO", "the Challenger phase", "the Challenger's reward", "the dataset phase", "the Solver phase",
                   "voting and the Solver dataset", "the loop", "the machine", "the lab"):
         assert "\n" + group in help_text, group
@@ -229,7 +229,7 @@ def test_train_config_is_the_concepts_settings_plus_the_loops(capsys):
     assert (c.beta1, c.beta2, c.dual_clip, c.m_answers, c.vote_top_k) == (0.8, 0.95, 0.0, 9, 40)
     assert train.parse_config(["--filter"]).filter is True
     d = train.parse_config([])  # the toy preset over the defaults
-    assert (d.model, d.n_problems, d.solver_steps, d.filter, d.band) == ("toy", 272, 8, True, "paper")
+    assert (d.model, d.n_problems, d.solver_steps, d.filter, d.band) == ("toy", 238, 7, True, "paper")
     assert train.parse_config(["--preset", "qwen3-4b-base"]).solver_steps == 15
 
 
