@@ -231,7 +231,7 @@ def main(argv=None):
     table, per_seed, base, seconds = summarise(a, runs)
     if not table:
         sys.exit(f"error: no held-out measures under {a.out} (not run yet, or a real model: its runs' benchmarks.md)")
-    machine = f"{os.cpu_count()} cores, {a.jobs} runs at a time"
+    machine = f"{os.cpu_count()} cores, {a.jobs} run{'s' * (a.jobs > 1)} at a time"
     dry = [(arm, seed, it) for arm, seed, folder, _ in runs if (it := stopped(folder))]
     md = markdown(table, per_seed, base, a.seeds, seconds, machine, dry)
     if not a.table_only:
