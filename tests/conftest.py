@@ -16,6 +16,8 @@ def pytest_configure(config):
     """The CPU suite stays on the CPU on any host (its equalities are float32's; device=auto would pick a GPU), and so
     do the runs it starts; `python -m pytest -m cuda tests` runs the GPU checks (tests/test_gpu.py) instead."""
     config.addinivalue_line("markers", "cuda: a check that needs a CUDA GPU (python -m pytest -m cuda tests)")
+    # pytest resets warning filters per test: runtime.py's own (a checkpoint saved by one process) must be said here
+    config.addinivalue_line("filterwarnings", "ignore:torch.distributed is disabled")
     if "cuda" not in (config.option.markexpr or ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
