@@ -185,7 +185,7 @@ def heldout_problems(n: int = 512, seed: int = 1234) -> list[str]:
     return distinct_problems(n, seed, is_heldout)
 
 
-def write_problems(path: str, n: int = 238, seed: int = 99) -> None:
+def write_problems(path: str, n: int, seed: int = 99) -> None:
     """n distinct problems, not held out, the levels in turn, as JSON Lines {"problem": ...}: for --ttrl."""
     problems = distinct_problems(n, seed, lambda p: not is_heldout(p))
     write_text(path, "".join(json.dumps(dict(problem=p)) + "\n" for p in problems))
